@@ -40,17 +40,19 @@ class DeepSAEConfig(PretrainedConfig):
             (trained with an L1 penalty).
         encoder_hidden (`list[int]`, defaults to `[]`): widths of dense `Linear → act [→ LayerNorm]`
             layers before the sparse layer. Empty: a linear encoder.
-        decoder_hidden (`list[int]`, defaults to `[]`): widths of dense layers after the sparse layer.
-            Empty: a linear decoder with unit-norm rows `W_dec`, readable by other tools.
+        decoder_hidden (`list[int]`, defaults to `[]`): widths of dense layers after the sparse
+            layer. Empty: a linear decoder with unit-norm rows `W_dec`, readable by other tools.
         hidden_act (`str`, defaults to `"gelu"`): nonlinearity of the dense layers.
-        layer_norm (`bool`, defaults to `False`): add a LayerNorm after each dense layer's activation.
+        layer_norm (`bool`, defaults to `False`): a LayerNorm after each dense layer's
+            activation.
         n_stacked (`int`, defaults to 1): number of residual sparse stages; stage i encodes what the
             stages before it left unexplained, reconstructions add up and L0 is their sum.
         transcoder (`bool`, defaults to `False`): read the MLP input and predict the MLP output.
         d_out (`int`, *optional*): output width; only for transcoders (otherwise equals `d_in`).
         normalize_input (`bool`, defaults to `False`): scale inputs by a stored factor (fitted from
             data with `DeepSAEModel.fit_normalization`) so a loaded SAE applies it by itself.
-        k_aux (`int`, *optional*): latents used by the AuxK dead-latent loss. Defaults to `d_in // 2`.
+        k_aux (`int`, *optional*): latents used by the AuxK dead-latent loss. Defaults to
+            `d_in // 2`.
         auxk_coefficient (`float`, defaults to 1/32): weight of the AuxK loss.
         std_coefficient (`float`, defaults to 0.0): weight of the penalty on the standard deviation
             of the encoder pre-activations (a remedy for dead latents in deep SAEs).
@@ -188,7 +190,8 @@ class DeepSAEConfig(PretrainedConfig):
         if self.hidden_act not in HIDDEN_ACTIVATIONS:
             _fail("hidden_act", self.hidden_act, f"choose one of {list(HIDDEN_ACTIVATIONS)}")
         if d_out_given and not self.transcoder:
-            _fail("d_out", self.d_out, "set transcoder=True to predict a different width, or drop d_out")
+            _fail("d_out", self.d_out,
+                  "set transcoder=True to predict a different width, or drop d_out")
         if self.transcoder and self.n_stacked > 1:
             _fail("n_stacked", self.n_stacked, "stacked residual stages need transcoder=False")
         if self.hook_site not in HOOK_SITES:
@@ -200,13 +203,15 @@ class DeepSAEConfig(PretrainedConfig):
             _fail("batchtopk_threshold_momentum", self.batchtopk_threshold_momentum, "use [0, 1)")
 
     @classmethod
-    def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
+    def get_config_dict(
+        cls, pretrained_model_name_or_path: Any, **kwargs: Any
+    ) -> tuple[dict, dict]:
         """Refuse configs of other model types instead of transformers' mere warning."""
-        config_dict, unused_kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        config_dict, unused = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         model_type = config_dict.get("model_type")
         if model_type is not None and model_type != cls.model_type:
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a {model_type!r} config, not a "
                 f"{cls.model_type!r} SAE; load it with its own class or point at an SAE checkpoint"
             )
-        return config_dict, unused_kwargs
+        return config_dict, unused

@@ -29,7 +29,7 @@ from .sparsity import SPARSITY_CLASSES, JumpReLU, gather_linear, sparse_decode, 
 
 
 class SparseLatents(NamedTuple):
-    """Latents of a batch: k (value, global index) pairs per row, or dense rows when `indices` is None."""
+    """A batch's latents: k (value, global id) pairs per row, or dense rows if `indices` is None."""
 
     latent_acts: torch.Tensor
     latent_indices: torch.Tensor | None
@@ -154,7 +154,7 @@ class SparseStage(nn.Module):
         """Mean over rows of the std of the pre-activations across latents.
 
         When the pre-activations were computed without gradient (top-k), the differentiable value
-        comes from the second moments `W_encᵀW_enc`, which costs O(n·d²) instead of a dense backward.
+        comes from the second moments `W_encᵀW_enc`: O(n·d²) instead of a dense backward.
         """
         if not differentiable or pre_acts.requires_grad:
             return pre_acts.float().std(dim=-1).mean()
@@ -219,22 +219,28 @@ class DeepSAEPreTrainedModel(PreTrainedModel):
         SAE that silently yields a random model, so here they fail with the offending names.
         """
         wants_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
         try:
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path, *args, output_loading_info=True,
+                ignore_mismatched_sizes=True, **kwargs
             )
         except SafetensorError as error:
             raise ValueError(
                 f"the safetensors file of {pretrained_model_name_or_path} is corrupt or truncated "
                 f"({error}); re-save or re-download the checkpoint"
             ) from error
-        problems = {name: sorted(map(str, info.get(name) or [])) for name in
-                    ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {
+            "missing": sorted(map(str, info.get("missing_keys") or [])),
+            "unexpected": sorted(map(str, info.get("unexpected_keys") or [])),
+            "size mismatch": [] if allow_mismatch
+            else sorted(map(str, info.get("mismatched_keys") or [])),
+        }
         problems = {name: keys for name, keys in problems.items() if keys}
         if problems:
             raise ValueError(
                 f"the weights in {pretrained_model_name_or_path} don't match its config "
-                f"({problems}); the checkpoint is corrupt or its config.json was edited — re-save it"
+                f"({problems}); the checkpoint is corrupt or its config.json was edited: re-save it"
             )
         return (model, info) if wants_info else model
 
@@ -243,7 +249,8 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
     """A sparse autoencoder (or transcoder) of any architecture `DeepSAEConfig` describes.
 
     Example:
-        >>> sae = DeepSAEModel(DeepSAEConfig(d_in=64, expansion_factor=8, k=8, encoder_hidden=[128]))
+        >>> config = DeepSAEConfig(d_in=64, expansion_factor=8, k=8, encoder_hidden=[128])
+        >>> sae = DeepSAEModel(config)
         >>> out = sae(torch.randn(4, 10, 64))
         >>> out.reconstruction.shape, out.latent_indices.shape
         (torch.Size([4, 10, 64]), torch.Size([4, 10, 8]))
@@ -277,7 +284,7 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape [..., {width}], got {type(x)}")
         if not x.is_floating_point():
-            raise TypeError(f"{name} must be floating point (fp32/bf16/fp16), got {x.dtype}; cast it")
+            raise TypeError(f"{name} must be floating point (fp32/bf16/fp16), got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != width:
             raise ValueError(
                 f"{name} must have shape [..., {width}] (this SAE's "
@@ -408,7 +415,7 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
 
     def densify(self, latent_acts: torch.Tensor,
                 latent_indices: torch.Tensor | None) -> torch.Tensor:
-        """Scatter sparse (value, global index) pairs into a dense `[..., n_total_latents]` tensor."""
+        """Scatter sparse (value, global id) pairs into a dense `[..., n_total_latents]` tensor."""
         if latent_indices is None:
             return latent_acts
         dense = latent_acts.new_zeros(*latent_acts.shape[:-1], self.config.n_total_latents)
@@ -464,7 +471,7 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
-        """Drop the gradient component along each unit decoder row: the norm stays 1 to first order."""
+        """Drop the gradient along each unit decoder row, so the norm stays 1 to first order."""
         for stage in self._linear_decoder_stages():
             if stage.W_dec.grad is None:
                 continue

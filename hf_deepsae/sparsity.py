@@ -64,7 +64,8 @@ def gather_linear(h: torch.Tensor, linear: nn.Linear, indices: torch.Tensor,
     return _GatherLinear.apply(h, linear.weight, linear.bias, indices, pre_acts)
 
 
-def sparse_decode(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor,
+                  weight: torch.Tensor) -> torch.Tensor:
     """`Σ_j values[b, j] · weight[indices[b, j]]` for `[B, m]` values/indices: O(B·m·d)."""
     return F.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype), mode="sum")
 

@@ -1,0 +1,324 @@
+"""DeepSAEModel: every architecture's shapes, sparsity, kernels, training signal and checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel
+
+from hf_deepsae import DeepSAEConfig, DeepSAEModel
+
+D_IN = 32
+ARCHITECTURES = {
+    "topk": {},
+    "batchtopk": {"sparsity": "batchtopk"},
+    "jumprelu": {"sparsity": "jumprelu"},
+    "relu": {"sparsity": "relu"},
+    "mlp-encoder": {"encoder_hidden": [64]},
+    "deep": {"encoder_hidden": [64], "decoder_hidden": [48], "layer_norm": True},
+    "stacked": {"n_stacked": 3},
+    "transcoder": {"transcoder": True, "d_out": 24},
+    "normalized": {"normalize_input": True},
+}
+TOPK_ARCHITECTURES = ["topk", "mlp-encoder", "deep", "stacked", "transcoder", "normalized"]
+
+
+def make_sae(name: str, **overrides) -> DeepSAEModel:
+    torch.manual_seed(0)
+    settings = {"d_in": D_IN, "n_latents": 128, "k": 4} | ARCHITECTURES[name] | overrides
+    return DeepSAEModel(DeepSAEConfig(**settings))
+
+
+def inputs_for(sae: DeepSAEModel, *leading: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    inputs = {"x": torch.randn(*leading, sae.config.d_in)}
+    if sae.config.transcoder:
+        inputs["target"] = torch.randn(*leading, sae.config.d_out)
+    return inputs
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("leading", [(7,), (2, 5), (2, 3, 4)])
+def test_shapes_for_any_leading_shape(name, leading):
+    sae = make_sae(name)
+    out = sae(**inputs_for(sae, *leading))
+    assert out.reconstruction.shape == (*leading, sae.config.d_out)
+    if sae.config.is_topk:
+        width = sae.config.n_stacked * sae.config.k
+        assert out.latent_acts.shape == out.latent_indices.shape == (*leading, width)
+        assert out.latent_indices.dtype == torch.int64
+    else:
+        assert out.latent_acts.shape == (*leading, sae.config.n_total_latents)
+        assert out.latent_indices is None
+    for scalar in (out.fvu, out.aux_loss, out.pre_act_std, out.loss):
+        assert scalar.shape == () and torch.isfinite(scalar)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_bf16_model_runs_in_bf16(name):
+    sae = make_sae(name).to(torch.bfloat16)
+    inputs = {key: value.to(torch.bfloat16) for key, value in inputs_for(sae, 6).items()}
+    out = sae(**inputs)
+    assert out.reconstruction.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in sae.parameters())
+
+
+@pytest.mark.parametrize("name", ["topk", "mlp-encoder", "deep", "stacked"])
+def test_exactly_k_active_latents_per_stage(name):
+    sae = make_sae(name)
+    dense = sae.encode_dense(torch.randn(50, D_IN) * 3)
+    per_stage = dense.view(50, sae.config.n_stacked, -1).ne(0).sum(-1)
+    assert per_stage.le(sae.config.k).all()
+    assert per_stage.float().mean() > sae.config.k - 0.5  # relu zeros a negative top-k value rarely
+    out = sae(torch.randn(50, D_IN))
+    assert out.latent_indices.shape[-1] == sae.config.n_stacked * sae.config.k
+    stage_of = out.latent_indices // sae.config.n_latents
+    for stage in range(sae.config.n_stacked):
+        assert stage_of.eq(stage).sum(-1).eq(sae.config.k).all()
+
+
+def test_batchtopk_selects_k_per_row_on_average_and_learns_a_threshold():
+    sae = make_sae("batchtopk")
+    out = sae(torch.randn(64, D_IN))
+    assert out.latent_acts.ne(0).sum() == 64 * sae.config.k
+    threshold = float(sae.stages[0].sparsity.threshold)
+    assert threshold > 0
+    sae.eval()
+    single = torch.randn(1, D_IN)
+    batch = torch.cat([single, torch.randn(9, D_IN) * 5])
+    assert torch.equal(sae.encode_dense(single)[0], sae.encode_dense(batch)[0])
+    active = sae.encode_dense(single)
+    assert (active[active > 0] > threshold).all()
+
+
+@pytest.mark.parametrize("name", TOPK_ARCHITECTURES)
+def test_sparse_decode_equals_dense_reference(name):
+    sae = make_sae(name)
+    inputs = inputs_for(sae, 9)
+    latents = sae.encode(inputs["x"])
+    dense = sae.densify(*latents)
+    torch.testing.assert_close(sae.decode(*latents), sae.decode(dense), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.decode(*latents), sae(**inputs).reconstruction)
+
+
+def dense_reference_loss(sae: DeepSAEModel, x: torch.Tensor, dead: torch.Tensor, std_weight: float):
+    """The textbook single-stage top-k SAE loss with plain autograd through dense tensors."""
+    stage, config = sae.stages[0], sae.config
+    hidden = stage.encoder_mlp(x - stage.b_dec)
+    pre = stage.encoder(hidden)
+    values, indices = pre.topk(config.k)
+    z = torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
+    recon = stage.decode(z, None)
+    error = recon - x
+
+    def variance(values):
+        return (values - values.mean(0)).pow(2).sum()
+
+    fvu = error.pow(2).sum() / variance(x)
+    aux_values, aux_indices = pre.masked_fill(~dead, -torch.inf).topk(config.k_aux)
+    z_aux = torch.zeros_like(pre).scatter(-1, aux_indices, F.relu(aux_values))
+    residual = error.detach()
+    aux = min(int(dead.sum()) / config.k_aux, 1.0) * (
+        stage.decode(z_aux, None) - stage.decode(torch.zeros_like(z_aux), None) - residual
+    ).pow(2).sum() / variance(residual)
+    return fvu + config.auxk_coefficient * aux + std_weight * pre.std(-1).mean()
+
+
+@pytest.mark.parametrize("name", ["topk", "mlp-encoder", "deep"])
+def test_sparse_gradients_match_dense_reference(name):
+    sae = make_sae(name, k_aux=8)
+    x = torch.randn(16, D_IN)
+    dead = torch.zeros(sae.config.n_latents, dtype=torch.bool)
+    dead[::3] = True
+    sae(x, dead_mask=dead, std_coefficient=0.1).loss.backward()
+    sparse_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    dense_reference_loss(sae, x, dead, std_weight=0.1).backward()
+    for param_name, param in sae.named_parameters():
+        torch.testing.assert_close(sparse_grads[param_name], param.grad, rtol=1e-4, atol=1e-5,
+                                   msg=f"gradient of {param_name} differs")
+
+
+def test_jumprelu_thresholds_get_gradient_from_l0_penalty():
+    sae = make_sae("jumprelu", jumprelu_bandwidth=1.0)
+    sae(torch.randn(32, D_IN)).loss.backward()
+    grad = sae.stages[0].sparsity.threshold.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def sparse_dataset(n_rows: int = 2048, n_features: int = 96, active: int = 3) -> torch.Tensor:
+    """Rows that are sums of `active` random unit directions out of `n_features`."""
+    generator = torch.Generator().manual_seed(0)
+    dictionary = F.normalize(torch.randn(n_features, D_IN, generator=generator), dim=-1)
+    indices = torch.rand(n_rows, n_features, generator=generator).topk(active).indices
+    coefficients = torch.rand(n_rows, active, generator=generator) + 0.5
+    return (coefficients.unsqueeze(-1) * dictionary[indices]).sum(1)
+
+
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n != "transcoder"])
+def test_reconstruction_improves_with_training(name):
+    sae = make_sae(name, l1_coefficient=1e-4, l0_coefficient=1e-4)
+    data = sparse_dataset()
+    sae.initialize_from_activations(data)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    with torch.no_grad():
+        initial = float(sae(data).fvu)
+    for step in range(300):
+        batch = data[(step * 128) % 2048:][:128]
+        loss = sae(batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        sae.set_decoder_norm_to_unit_norm()
+    sae.eval()
+    with torch.no_grad():
+        final = float(sae(data).fvu)
+    assert final < 0.5 * initial and final < 0.35, (initial, final)
+
+
+def test_transcoder_learns_a_linear_map():
+    sae = make_sae("transcoder")
+    data = sparse_dataset()
+    mapping = torch.randn(D_IN, 24, generator=torch.Generator().manual_seed(3)) / D_IN**0.5
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for step in range(300):
+        batch = data[(step * 128) % 2048:][:128]
+        loss = sae(batch, target=batch @ mapping).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert float(sae(data, target=data @ mapping).fvu) < 0.35
+
+
+def test_linear_decoder_is_initialised_as_unit_norm_encoder_transpose():
+    sae = make_sae("topk")
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
+    torch.testing.assert_close(sae.W_dec, F.normalize(sae.stages[0].encoder.weight, dim=1))
+
+
+def test_parallel_gradient_is_removed():
+    sae = make_sae("topk")
+    sae(torch.randn(16, D_IN)).loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
+    torch.testing.assert_close(parallel, torch.zeros(128), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["deep", "stacked"])
+def test_w_dec_exists_only_for_single_stage_linear_decoders(name):
+    assert hasattr(make_sae("mlp-encoder"), "W_dec")
+    assert not hasattr(make_sae(name), "W_dec")
+    assert not hasattr(make_sae(name), "b_dec")
+
+
+def test_normalization_is_stored_and_applied_after_loading(tmp_path):
+    sae = make_sae("normalized")
+    data = sparse_dataset() * 40.0
+    sae.initialize_from_activations(data)
+    expected_scale = D_IN**0.5 / float(data.norm(dim=-1).mean())
+    assert float(sae.input_scale) == pytest.approx(expected_scale, rel=1e-4)
+    sae.save_pretrained(tmp_path)
+    loaded = DeepSAEModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(data[:8]).reconstruction, sae(data[:8]).reconstruction)
+    assert loaded(data[:8]).reconstruction.norm(dim=-1).mean() > 10  # back in the input's units
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (torch.randn(4, D_IN + 1), ValueError, r"shape \[\.\.\., 32\]"),
+        (torch.ones(4, D_IN, dtype=torch.int64), TypeError, "floating point"),
+        (torch.full((4, D_IN), float("nan")), ValueError, "NaN or inf"),
+        (torch.full((4, D_IN), float("inf")), ValueError, "NaN or inf"),
+        ([[0.0] * D_IN], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs_are_rejected(bad, error, message):
+    with pytest.raises(error, match=message):
+        make_sae("topk")(bad)
+
+
+def test_nan_check_can_be_switched_off():
+    sae = make_sae("topk", check_inputs=False)
+    assert torch.isnan(sae(torch.full((4, D_IN), float("nan"))).reconstruction).any()
+
+
+def test_transcoder_requires_a_target():
+    with pytest.raises(ValueError, match="needs target="):
+        make_sae("transcoder")(torch.randn(4, D_IN))
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_save_and_automodel_round_trip(name, tmp_path):
+    sae = make_sae(name)
+    sae.train()
+    sae(**inputs_for(sae, 32))  # batchtopk learns its threshold while training
+    sae.eval()
+    sae.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors", "modeling_deepsae.py", "configuration_deepsae.py",
+            "sparsity.py"} <= set(os.listdir(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == (
+        "modeling_deepsae.DeepSAEModel")
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, DeepSAEModel)
+    inputs = inputs_for(sae, 5)
+    assert torch.equal(loaded(**inputs).reconstruction, sae(**inputs).reconstruction)
+    for key, value in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_trust_remote_code_loads_without_the_package(tmp_path):
+    sae = make_sae("deep")
+    sae.save_pretrained(tmp_path / "sae")
+    x = torch.randn(3, D_IN)
+    torch.save({"x": x, "y": sae(x).reconstruction.detach()}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path = [p for p in sys.path if p not in ('', {os.getcwd()!r})]
+        import importlib.util
+        assert importlib.util.find_spec('hf_deepsae') is None or True
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path / 'sae')!r}, trust_remote_code=True)
+        assert 'hf_deepsae' not in sys.modules, 'hf_deepsae was imported'
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        assert torch.equal(model(io['x']).reconstruction, io['y'])
+        print(type(model).__module__)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("transformers_modules.")
+
+
+def test_truncated_checkpoint_fails_clearly(tmp_path):
+    make_sae("topk").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        DeepSAEModel.from_pretrained(tmp_path)
+
+
+def test_checkpoint_whose_shapes_do_not_match_its_config_fails(tmp_path):
+    make_sae("topk").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_latents"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="don't match its config.*size mismatch"):
+        DeepSAEModel.from_pretrained(tmp_path)
+
+
+def test_checkpoint_missing_weights_fails(tmp_path):
+    make_sae("topk").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sparsity"] = "jumprelu"  # expects a threshold the checkpoint lacks
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="don't match its config.*sparsity.threshold"):
+        DeepSAEModel.from_pretrained(tmp_path)
