@@ -7,6 +7,8 @@ Importing the package registers `DeepSAEConfig`/`DeepSAEModel` with `AutoConfig`
 from transformers import AutoConfig, AutoModel
 
 from .configuration_deepsae import DeepSAEConfig
+from .hub import load_saes, push_sae_to_hub, push_saes_to_hub, save_sae, save_saes
+from .interop import from_saelens, from_sparsify, to_saelens, to_sparsify
 from .modeling_deepsae import DeepSAEModel, DeepSAEOutput, DeepSAEPreTrainedModel, SparseLatents
 
 AutoConfig.register(DeepSAEConfig.model_type, DeepSAEConfig, exist_ok=True)
@@ -20,4 +22,13 @@ __all__ = [
     "DeepSAEOutput",
     "DeepSAEPreTrainedModel",
     "SparseLatents",
+    "from_saelens",
+    "from_sparsify",
+    "load_saes",
+    "push_sae_to_hub",
+    "push_saes_to_hub",
+    "save_sae",
+    "save_saes",
+    "to_saelens",
+    "to_sparsify",
 ]

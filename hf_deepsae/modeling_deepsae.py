@@ -478,6 +478,18 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
             parallel = (stage.W_dec.grad * stage.W_dec).sum(dim=1, keepdim=True)
             stage.W_dec.grad.sub_(parallel * stage.W_dec)
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Push weights, modeling code and hf_deepsae's model card in one commit.
+
+        Keyword arguments are those of `hf_deepsae.hub.push_sae_to_hub`. A checkpoint loaded with
+        `trust_remote_code` in a process without hf_deepsae gets transformers' generic push instead.
+        """
+        try:
+            from hf_deepsae.hub import push_sae_to_hub
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_sae_to_hub(self, repo_id, **kwargs)
+
     def _linear_decoder_stages(self) -> list[SparseStage]:
         return [stage for stage in self.stages if stage.decoder_mlp is None]
 

@@ -1,0 +1,248 @@
+"""Share SAEs on the Hugging Face Hub: one call, safetensors weights and a card with real numbers.
+
+`push_sae_to_hub(sae, "user/repo")` uploads the config (with `auto_map`, so
+`AutoModel.from_pretrained(repo, trust_remote_code=True)` works even without hf_deepsae), the
+safetensors weights, an optional feature-density plot and a README rendered from
+`model_cards/sae.md`, all in one commit. `push_saes_to_hub({hookpoint: sae}, repo)` gives each SAE
+its own subfolder, loadable with `AutoModel.from_pretrained(repo, subfolder=hookpoint)` or all at
+once with `load_saes(repo)`, under a repo-level card (`model_cards/sae_collection.md`).
+`save_sae`/`save_saes` write the same folders locally.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from huggingface_hub import CommitInfo, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .model_card import DEFAULT_LICENSE, collection_card, sae_card
+from .modeling_deepsae import DeepSAEModel
+
+DENSITY_PLOT_FILENAME = "feature_density.png"
+
+DensityPlot = torch.Tensor | str | Path
+
+
+def save_sae(
+    sae: DeepSAEModel,
+    folder: str | Path,
+    *,
+    repo_id: str | None = None,
+    subfolder: str | None = None,
+    density_plot: DensityPlot | None = None,
+    license: str = DEFAULT_LICENSE,
+) -> Path:
+    """Write `sae` with its model card (and feature-density plot) to `folder`, ready to upload.
+
+    Args:
+        repo_id: where the folder will live on the Hub; the card's code uses it (else the path).
+        subfolder: the folder's path inside that repo, for the card's loading code.
+        density_plot: per-latent firing frequencies (`ActivationMetricsResult.feature_density`,
+            rendered as a histogram) or a path to an image to copy.
+        license: the card's license identifier.
+    """
+    folder = Path(folder)
+    sae.save_pretrained(folder)
+    plot_name = None
+    if density_plot is not None:
+        _write_density_plot(density_plot, folder / DENSITY_PLOT_FILENAME)
+        plot_name = DENSITY_PLOT_FILENAME
+    card = sae_card(sae, repo_id=repo_id or str(folder), subfolder=subfolder,
+                    density_plot=plot_name, license=license)
+    card.save(folder / "README.md")
+    return folder
+
+
+def save_saes(
+    saes: Mapping[str, DeepSAEModel],
+    folder: str | Path,
+    *,
+    repo_id: str | None = None,
+    density_plots: Mapping[str, DensityPlot] | None = None,
+    license: str = DEFAULT_LICENSE,
+) -> Path:
+    """Write SAEs trained together into one folder: a subfolder per hookpoint and a repo card.
+
+    `saes` maps each subfolder name (the hookpoint, e.g. `"model.layers.6.mlp.down_proj"`) to its
+    SAE; `density_plots` optionally maps the same names to what `save_sae` accepts.
+    """
+    folder = Path(folder)
+    _check_subfolders(saes)
+    density_plots = density_plots or {}
+    for name, sae in saes.items():
+        save_sae(sae, folder / name, repo_id=repo_id or str(folder), subfolder=name,
+                 density_plot=density_plots.get(name), license=license)
+    collection_card(saes, repo_id=repo_id or str(folder), license=license).save(
+        folder / "README.md"
+    )
+    return folder
+
+
+def push_sae_to_hub(
+    sae: DeepSAEModel,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    density_plot: DensityPlot | None = None,
+    license: str = DEFAULT_LICENSE,
+) -> CommitInfo:
+    """Push one SAE with its model card to `repo_id` (created if needed) in a single commit.
+
+    Args:
+        revision: branch to push to; created from `main` if it doesn't exist.
+        private: visibility of a newly created repo (an existing repo keeps its visibility).
+        token: a Hub token with write access; defaults to the logged-in one (`hf auth login`).
+        density_plot, license: see `save_sae`.
+    """
+    api, repo_id = _prepare_repo(repo_id, revision=revision, private=private, token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        save_sae(sae, folder, repo_id=repo_id, density_plot=density_plot, license=license)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision,
+            commit_message=commit_message or f"Upload {sae.config.architecture} SAE",
+        )
+
+
+def push_saes_to_hub(
+    saes: Mapping[str, DeepSAEModel],
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    density_plots: Mapping[str, DensityPlot] | None = None,
+    license: str = DEFAULT_LICENSE,
+) -> CommitInfo:
+    """Push SAEs trained together to one repo in a single commit: a subfolder per hookpoint.
+
+    Each SAE loads with `AutoModel.from_pretrained(repo_id, subfolder=hookpoint)`; `load_saes`
+    loads them all. Arguments as in `push_sae_to_hub` and `save_saes`.
+    """
+    _check_subfolders(saes)
+    api, repo_id = _prepare_repo(repo_id, revision=revision, private=private, token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        save_saes(saes, folder, repo_id=repo_id, density_plots=density_plots, license=license)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision,
+            commit_message=commit_message or f"Upload {len(saes)} SAEs",
+        )
+
+
+def load_saes(
+    path_or_repo: str | Path, *, revision: str | None = None, token: str | None = None
+) -> dict[str, DeepSAEModel]:
+    """Every SAE in a folder or repo written by `save_saes`/`push_saes_to_hub`: `{subfolder: sae}`.
+
+    The keys are the hookpoints the SAEs were saved under, so the result goes straight to
+    `splice(model, load_saes(repo))`.
+    """
+    local = Path(path_or_repo)
+    if local.is_dir():
+        names = sorted(path.parent.name for path in local.glob("*/config.json"))
+    else:
+        files = HfApi(token=token).list_repo_files(str(path_or_repo), revision=revision)
+        names = sorted({file.split("/")[0] for file in files
+                        if file.count("/") == 1 and file.endswith("/config.json")})
+    if not names:
+        raise ValueError(
+            f"{path_or_repo} has no SAE subfolders (no '<hookpoint>/config.json'); for a single "
+            f"SAE use AutoModel.from_pretrained({str(path_or_repo)!r})"
+        )
+    if local.is_dir():
+        return {name: DeepSAEModel.from_pretrained(local / name) for name in names}
+    return {
+        name: DeepSAEModel.from_pretrained(
+            str(path_or_repo), subfolder=name, revision=revision, token=token
+        )
+        for name in names
+    }
+
+
+def _check_subfolders(saes: Mapping[str, DeepSAEModel]) -> None:
+    """Subfolder names must be single, non-empty path segments the Hub accepts."""
+    if not saes:
+        raise ValueError("saes is empty; pass {hookpoint: sae} with at least one SAE")
+    for name, sae in saes.items():
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
+                or "\\" in name or name.startswith(".") or name == "README.md":
+            raise ValueError(
+                f"invalid subfolder name {name!r}: use the hookpoint (a module path such as "
+                f"'model.layers.6.mlp.down_proj'), one folder name without slashes"
+            )
+        if not isinstance(sae, DeepSAEModel):
+            raise TypeError(f"saes[{name!r}] must be a DeepSAEModel, got {type(sae).__name__}")
+
+
+def _prepare_repo(
+    repo_id: str, *, revision: str | None, private: bool | None, token: str | None
+) -> tuple[HfApi, str]:
+    """Check the id and the login up front, then create the repo (and branch) if needed.
+
+    Returns a client bound to the token and the full `namespace/name` id. Failing early with the
+    fix in the message beats the Hub's bare 401/403 halfway through an upload.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"invalid Hub repo id {repo_id!r}: {error} Use 'name' or 'namespace/name' made of "
+            f"letters, digits, '-', '_' and '.', e.g. 'my-user/deepsae-smollm2-layer6'"
+        ) from None
+    token = token or get_token()
+    if token is None:
+        raise PermissionError(
+            "not logged in to the Hugging Face Hub: run `hf auth login` (or set HF_TOKEN, or "
+            "pass token=...) with a token that has write access, then push again"
+        )
+    api = HfApi(token=token)
+    try:
+        account = api.whoami()
+    except HfHubHTTPError as error:
+        if error.response is None or error.response.status_code != 401:
+            raise
+        raise PermissionError(
+            f"the Hub at {api.endpoint} rejected the token (401): it is invalid or expired. Create "
+            f"a write token at https://huggingface.co/settings/tokens, then run "
+            f"`hf auth login --force` (or set HF_TOKEN, or pass token=...)"
+        ) from None
+    writable = [account["name"]] + [org["name"] for org in account.get("orgs", [])]
+    namespace = repo_id.split("/")[0] if "/" in repo_id else account["name"]
+    if namespace not in writable:
+        raise PermissionError(
+            f"{account['name']!r} cannot create repos under {namespace!r}; push to one of your "
+            f"namespaces {writable}, e.g. '{writable[0]}/{repo_id.split('/')[-1]}'"
+        )
+    full_id = api.create_repo(f"{namespace}/{repo_id.split('/')[-1]}", private=private,
+                              exist_ok=True).repo_id
+    if revision is not None and revision != "main":
+        api.create_branch(full_id, branch=revision, exist_ok=True)
+    return api, full_id
+
+
+def _write_density_plot(density_plot: DensityPlot, path: Path) -> None:
+    """Copy an image, or draw the histogram of log10 firing frequency of per-latent densities."""
+    if not isinstance(density_plot, torch.Tensor):
+        shutil.copyfile(density_plot, path)
+        return
+    from matplotlib.figure import Figure  # a runtime dependency, but slow to import
+
+    density = density_plot.detach().double().cpu().flatten()
+    alive = density[density > 0]
+    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    axes = figure.subplots()
+    axes.hist(alive.log10().numpy(), bins=50, color="#4C72B0")
+    axes.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
+    axes.set_ylabel("latents")
+    axes.set_title(f"{len(density) - len(alive):,} of {len(density):,} latents never fired")
+    figure.savefig(path, format="png", dpi=110)
+
