@@ -1,0 +1,330 @@
+"""Evaluate SAEs the way the field compares them: FVU, L0, dead/dense latents, CE-loss score, KL.
+
+    python examples/evaluate.py                          # the SAEs examples/train.py wrote
+    accelerate launch examples/evaluate.py --sae outputs/deepsae --output_dir outputs/evaluation
+
+`--sae` takes SAE folders or Hub ids, or folders/repos holding one SAE per subfolder (as
+`train.py` and `hf_deepsae.hub.save_saes` write them); several may be given. Each SAE is spliced
+into its base model where it was trained. Model, dataset and context length default to what the
+SAEs were trained on (`config.training_config`), and evaluation reads the first chunks of that
+dataset: the chunks `train.py` held out, as long as `--n_tokens` stays within its `--eval_tokens`.
+
+Prints a table, writes `metrics.json` and the plots `feature_density.png` (log-scale firing
+frequencies) and, for several SAEs, `fvu_vs_l0.png` to `--output_dir`. `--save_to_sae` also
+records the numbers in each local SAE's `config.metrics` and re-renders its model card. Under
+`accelerate launch`, every process evaluates its share of the chunks and the results are gathered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from datasets import Dataset
+from datasets.distributed import split_dataset_by_node
+from matplotlib.figure import Figure
+from transformers import HfArgumentParser
+
+from hf_deepsae import DeepSAEModel
+from hf_deepsae.activations import (
+    EMBEDDED_MODEL_NAME,
+    load_language_model,
+    load_text_dataset,
+    tokenize_and_chunk,
+)
+from hf_deepsae.evaluation import SAEEvaluationResult, SAEEvaluator
+from hf_deepsae.hub import load_saes, save_sae, save_saes
+from hf_deepsae.training import TrainingConfig
+
+DATA_FIELDS = (
+    "dataset_name",
+    "dataset_config_name",
+    "data_files",
+    "dataset_split",
+    "text_column",
+    "streaming",
+    "context_length",
+    "lm_batch_size",
+    "lm_dtype",
+)
+"""Fields shared with `TrainingConfig`: unset here, they take the SAE's training values."""
+
+
+def _as_trained(help_text: str) -> Any:
+    return dataclasses.field(default=None, metadata={"help": f"{help_text} Default: as trained."})
+
+
+@dataclasses.dataclass
+class EvaluationArguments:
+    """What to evaluate, on what, and where the results go."""
+
+    sae: list[str] = dataclasses.field(
+        default_factory=lambda: [TrainingConfig.output_dir],
+        metadata={"help": "SAE folders or Hub ids, or folders/repos with one SAE per subfolder."},
+    )
+    model_name_or_path: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "The language model. Default: the SAEs' base_model_name_or_path."},
+    )
+    dataset_name: str | None = _as_trained("Hub dataset id, local file/folder, or builder name.")
+    dataset_config_name: str | None = _as_trained("Configuration (subset) of the Hub dataset.")
+    data_files: list[str] | None = _as_trained("Data files for a builder dataset.")
+    dataset_split: str | None = _as_trained("Split to read.")
+    text_column: str | None = _as_trained("Column holding the documents.")
+    streaming: bool | None = _as_trained("Stream the dataset.")
+    context_length: int | None = _as_trained("Tokens per packed chunk.")
+    lm_batch_size: int | None = _as_trained("Chunks per forward pass.")
+    lm_dtype: str | None = _as_trained("dtype of the language model.")
+    n_tokens: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Tokens to evaluate on (whole chunks). Default: the training run's eval_tokens."
+        },
+    )
+    jointly: bool = dataclasses.field(
+        default=False, metadata={"help": "Splice all SAEs at once for CE/KL (else one at a time)."}
+    )
+    no_language_model: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Only activation metrics: skip CE-loss score and KL (needed for encoders)."
+        },
+    )
+    allow_base_model_mismatch: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Evaluate SAEs on a model other than the one they were trained on."},
+    )
+    output_dir: str = dataclasses.field(
+        default="outputs/evaluation", metadata={"help": "Where metrics.json and the PNG plots go."}
+    )
+    save_to_sae: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Record the metrics in each (local) SAE's config.metrics and model card."
+        },
+    )
+
+
+def load_sae_sources(paths: list[str]) -> dict[str, tuple[str, dict[str, DeepSAEModel]]]:
+    """`{path: (kind, {name: sae})}`, kind `"single"` or `"collection"` (one SAE per subfolder)."""
+    sources = {}
+    for path in paths:
+        local = Path(path)
+        if local.is_dir() and not (local / "config.json").is_file():
+            sources[path] = ("collection", load_saes(local))
+            if not sources[path][1]:
+                raise ValueError(f"{path} holds no SAE: no config.json in it or its subfolders")
+            continue
+        try:
+            sources[path] = ("single", {local.name: DeepSAEModel.from_pretrained(path)})
+        except OSError as error:  # maybe a Hub repo with one SAE per subfolder
+            if local.exists():
+                raise
+            try:
+                sources[path] = ("collection", load_saes(path))
+            except Exception as hub_error:
+                raise ValueError(
+                    f"no SAE at {path!r}: not a local folder ({error}), nor a Hub repo of SAEs "
+                    f"({hub_error}); examples/train.py saves to {TrainingConfig.output_dir}"
+                ) from hub_error
+    return sources
+
+
+def display_names(
+    sources: dict[str, tuple[str, dict[str, DeepSAEModel]]],
+) -> dict[tuple[str, str], str]:
+    """`{(path, name): label}`: the SAE's own name, prefixed by its path only where names clash."""
+    keys = [(path, name) for path, (_, saes) in sources.items() for name in saes]
+    clashes = {name for _, name in keys if sum(other == name for _, other in keys) > 1}
+    return {(path, name): f"{path}:{name}" if name in clashes else name for path, name in keys}
+
+
+def resolve(args: EvaluationArguments, saes: dict[str, DeepSAEModel]) -> dict[str, Any]:
+    """Model and data settings: flags, else the SAEs' training record, else TrainingConfig's."""
+    trained = next(iter(saes.values())).config.training_config or {}
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainingConfig)}
+    settings = {
+        name: value
+        if (value := getattr(args, name)) is not None
+        else trained.get(name, defaults[name])
+        for name in DATA_FIELDS
+    }
+    base_models = {sae.config.base_model_name_or_path for sae in saes.values()} - {None}
+    if args.model_name_or_path is None and len(base_models) > 1:
+        raise ValueError(
+            f"the SAEs come from different base models {sorted(base_models)}; pick "
+            "one with --model_name_or_path (and evaluate the others separately)"
+        )
+    settings["model_name_or_path"] = args.model_name_or_path or next(
+        iter(base_models), trained.get("model_name_or_path", EMBEDDED_MODEL_NAME)
+    )
+    settings["n_tokens"] = args.n_tokens or trained.get("eval_tokens", defaults["eval_tokens"])
+    return settings
+
+
+def evaluation_chunks(settings: dict[str, Any], tokenizer: Any, accelerator: Accelerator) -> Any:
+    """This process's share of the first `n_tokens` tokens' worth of chunks."""
+    with accelerator.main_process_first():
+        dataset = load_text_dataset(
+            settings["dataset_name"],
+            config_name=settings["dataset_config_name"],
+            data_files=settings["data_files"],
+            split=settings["dataset_split"],
+            text_column=settings["text_column"],
+            streaming=settings["streaming"],
+        )
+        chunks = tokenize_and_chunk(
+            dataset, tokenizer, settings["context_length"], settings["text_column"]
+        )
+    n_chunks = math.ceil(settings["n_tokens"] / settings["context_length"])
+    if isinstance(chunks, Dataset):
+        if len(chunks) < n_chunks:
+            raise ValueError(
+                f"the dataset has {len(chunks) * settings['context_length']:,} tokens in "
+                f"{len(chunks)} chunks of {settings['context_length']}, fewer than --n_tokens "
+                f"{settings['n_tokens']:,}; lower --n_tokens or --context_length, or use more text"
+            )
+        chunks = chunks.select(range(n_chunks))
+    else:
+        chunks = chunks.take(n_chunks)
+    return split_dataset_by_node(chunks, accelerator.process_index, accelerator.num_processes)
+
+
+def print_table(scalars: dict[str, dict[str, float]], print_fn: Any = print) -> None:
+    columns = [
+        ("tokens", "n_tokens", "{:,}"),
+        ("FVU", "fvu", "{:.4f}"),
+        ("L0", "l0", "{:.1f}"),
+        ("dead", "dead_fraction", "{:.1%}"),
+        ("dense", "dense_fraction", "{:.1%}"),
+        ("cos", "cosine_similarity", "{:.3f}"),
+        ("CE score", "ce_loss_score", "{:.3f}"),
+        ("CE +", "ce_loss_increase", "{:.4g}"),
+        ("KL", "kl_spliced", "{:.4g}"),
+        ("KL score", "kl_score", "{:.3f}"),
+    ]
+    rows = [["SAE", *(title for title, _, _ in columns)]]
+    for name, values in scalars.items():
+        rows.append(
+            [name, *(fmt.format(values[key]) if key in values else "—" for _, key, fmt in columns)]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print_fn(
+            "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+
+
+def plot_feature_density(result: SAEEvaluationResult, path: Path) -> None:
+    """Histogram of log10 firing frequency per SAE; dead latents (never fired) are counted apart."""
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.subplots()
+    for name, metrics in result.activations.items():
+        density = metrics.feature_density
+        label = f"{name} ({metrics.dead_fraction:.1%} dead)"
+        axes.hist(density[density > 0].log10().numpy(), bins=50, histtype="step", label=label)
+    axes.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
+    axes.set_ylabel("latents")
+    axes.legend(fontsize="small")
+    figure.savefig(path, format="png", dpi=110)
+
+
+def plot_fvu_vs_l0(result: SAEEvaluationResult, path: Path) -> None:
+    """FVU against L0, one labelled point per SAE: the sparsity/fidelity trade-off."""
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.subplots()
+    for name, metrics in result.activations.items():
+        axes.scatter(metrics.l0, metrics.fvu)
+        axes.annotate(
+            name,
+            (metrics.l0, metrics.fvu),
+            fontsize="small",
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    axes.margins(0.2)
+    axes.set_xlabel("L0 (active latents per token)")
+    axes.set_ylabel("FVU (fraction of variance unexplained)")
+    figure.savefig(path, format="png", dpi=110)
+
+
+def save_to_saes(
+    sources: dict[str, tuple[str, dict[str, DeepSAEModel]]],
+    result: SAEEvaluationResult,
+    names: dict[tuple[str, str], str],
+) -> None:
+    """Merge the numbers into each local SAE's `config.metrics`; rewrite its folder and card."""
+    scalars = result.scalars()
+    for path, (kind, saes) in sources.items():
+        density = {}
+        for name, sae in saes.items():
+            key = names[(path, name)]
+            sae.config.metrics = {**(sae.config.metrics or {}), **scalars[key]}
+            density[name] = result.activations[key].feature_density
+        if kind == "single":
+            ((name, sae),) = saes.items()
+            save_sae(sae, path, density_plot=density[name])
+        else:
+            save_saes(saes, path, density_plots=density)
+
+
+def main(argv: list[str] | None = None) -> SAEEvaluationResult:
+    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(
+        args=list(sys.argv[1:] if argv is None else argv)
+    )
+    accelerator = Accelerator()
+    sources = load_sae_sources(args.sae)
+    remote = [path for path in sources if not Path(path).is_dir()]
+    if args.save_to_sae and remote:
+        raise ValueError(f"--save_to_sae writes into local SAE folders; {remote} are not local")
+    names = display_names(sources)
+    saes = {
+        names[(path, name)]: sae.to(accelerator.device).eval()
+        for path, (_, group) in sources.items()
+        for name, sae in group.items()
+    }
+    settings = resolve(args, saes)
+    model, tokenizer = load_language_model(
+        settings["model_name_or_path"], dtype=settings["lm_dtype"], device=accelerator.device
+    )
+    evaluator = SAEEvaluator(
+        model,
+        saes,
+        language_model_metrics=not args.no_language_model,
+        jointly=args.jointly,
+        allow_base_model_mismatch=args.allow_base_model_mismatch,
+    )
+    chunks = evaluation_chunks(settings, tokenizer, accelerator)
+    for batch in chunks.iter(batch_size=settings["lm_batch_size"]):
+        evaluator.update(torch.as_tensor(batch["input_ids"]))
+    metrics, *others = gather_object([evaluator.metrics])
+    for other in others:
+        metrics.merge(other)
+    result = metrics.compute(min_tokens=settings["n_tokens"])
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        record = {"sae": args.sae, "settings": settings, "results": result.to_dict()}
+        (output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+        plot_feature_density(result, output_dir / "feature_density.png")
+        if len(result.activations) > 1:
+            plot_fvu_vs_l0(result, output_dir / "fvu_vs_l0.png")
+        print_table(result.scalars(), accelerator.print)
+        if args.save_to_sae:
+            save_to_saes(sources, result, names)
+        accelerator.print(f"Wrote {output_dir / 'metrics.json'} and the plots to {output_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
