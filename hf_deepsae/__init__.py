@@ -10,6 +10,15 @@ from .configuration_deepsae import DeepSAEConfig
 from .hub import load_saes, push_sae_to_hub, push_saes_to_hub, save_sae, save_saes
 from .interop import from_saelens, from_sparsify, to_saelens, to_sparsify
 from .modeling_deepsae import DeepSAEModel, DeepSAEOutput, DeepSAEPreTrainedModel, SparseLatents
+from .sites import Site, capture_activations, find_mlp_sites
+from .splice import (
+    SpliceHandle,
+    add_to_latents,
+    clamp_latents,
+    scale_latents,
+    splice,
+    zero_latents,
+)
 
 AutoConfig.register(DeepSAEConfig.model_type, DeepSAEConfig, exist_ok=True)
 AutoModel.register(DeepSAEConfig, DeepSAEModel, exist_ok=True)
@@ -21,7 +30,16 @@ __all__ = [
     "DeepSAEModel",
     "DeepSAEOutput",
     "DeepSAEPreTrainedModel",
+    "Site",
     "SparseLatents",
+    "SpliceHandle",
+    "add_to_latents",
+    "capture_activations",
+    "clamp_latents",
+    "find_mlp_sites",
+    "scale_latents",
+    "splice",
+    "zero_latents",
     "from_saelens",
     "from_sparsify",
     "load_saes",
