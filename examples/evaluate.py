@@ -29,7 +29,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
-from matplotlib.figure import Figure
 from transformers import HfArgumentParser
 
 from hf_deepsae import DeepSAEModel
@@ -39,7 +38,12 @@ from hf_deepsae.activations import (
     load_text_dataset,
     tokenize_and_chunk,
 )
-from hf_deepsae.evaluation import SAEEvaluationResult, SAEEvaluator
+from hf_deepsae.evaluation import (
+    SAEEvaluationResult,
+    SAEEvaluator,
+    plot_feature_density,
+    plot_fvu_vs_l0,
+)
 from hf_deepsae.hub import load_saes, save_sae, save_saes
 from hf_deepsae.training import TrainingConfig
 
@@ -225,39 +229,6 @@ def print_table(scalars: dict[str, dict[str, float]], print_fn: Any = print) -> 
         )
 
 
-def plot_feature_density(result: SAEEvaluationResult, path: Path) -> None:
-    """Histogram of log10 firing frequency per SAE; dead latents (never fired) are counted apart."""
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    axes = figure.subplots()
-    for name, metrics in result.activations.items():
-        density = metrics.feature_density
-        label = f"{name} ({metrics.dead_fraction:.1%} dead)"
-        axes.hist(density[density > 0].log10().numpy(), bins=50, histtype="step", label=label)
-    axes.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
-    axes.set_ylabel("latents")
-    axes.legend(fontsize="small")
-    figure.savefig(path, format="png", dpi=110)
-
-
-def plot_fvu_vs_l0(result: SAEEvaluationResult, path: Path) -> None:
-    """FVU against L0, one labelled point per SAE: the sparsity/fidelity trade-off."""
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    axes = figure.subplots()
-    for name, metrics in result.activations.items():
-        axes.scatter(metrics.l0, metrics.fvu)
-        axes.annotate(
-            name,
-            (metrics.l0, metrics.fvu),
-            fontsize="small",
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
-    axes.margins(0.2)
-    axes.set_xlabel("L0 (active latents per token)")
-    axes.set_ylabel("FVU (fraction of variance unexplained)")
-    figure.savefig(path, format="png", dpi=110)
-
-
 def save_to_saes(
     sources: dict[str, tuple[str, dict[str, DeepSAEModel]]],
     result: SAEEvaluationResult,
@@ -316,9 +287,10 @@ def main(argv: list[str] | None = None) -> SAEEvaluationResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         record = {"sae": args.sae, "settings": settings, "results": result.to_dict()}
         (output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
-        plot_feature_density(result, output_dir / "feature_density.png")
+        densities = {name: metrics.feature_density for name, metrics in result.activations.items()}
+        plot_feature_density(densities, output_dir / "feature_density.png")
         if len(result.activations) > 1:
-            plot_fvu_vs_l0(result, output_dir / "fvu_vs_l0.png")
+            plot_fvu_vs_l0(result.activations, output_dir / "fvu_vs_l0.png")
         print_table(result.scalars(), accelerator.print)
         if args.save_to_sae:
             save_to_saes(sources, result, names)

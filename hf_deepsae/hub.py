@@ -21,6 +21,7 @@ from huggingface_hub import CommitInfo, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .evaluation.plots import plot_feature_density
 from .model_card import DEFAULT_LICENSE, collection_card, sae_card
 from .modeling_deepsae import DeepSAEModel
 
@@ -230,19 +231,8 @@ def _prepare_repo(
 
 
 def _write_density_plot(density_plot: DensityPlot, path: Path) -> None:
-    """Copy an image, or draw the histogram of log10 firing frequency of per-latent densities."""
-    if not isinstance(density_plot, torch.Tensor):
+    """Copy an image, or draw the histogram of per-latent firing frequencies."""
+    if isinstance(density_plot, torch.Tensor):
+        plot_feature_density(density_plot, path)
+    else:
         shutil.copyfile(density_plot, path)
-        return
-    from matplotlib.figure import Figure  # a runtime dependency, but slow to import
-
-    density = density_plot.detach().double().cpu().flatten()
-    alive = density[density > 0]
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
-    axes = figure.subplots()
-    axes.hist(alive.log10().numpy(), bins=50, color="#4C72B0")
-    axes.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
-    axes.set_ylabel("latents")
-    axes.set_title(f"{len(density) - len(alive):,} of {len(density):,} latents never fired")
-    figure.savefig(path, format="png", dpi=110)
-

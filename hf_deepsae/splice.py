@@ -30,8 +30,9 @@ from .sites import (
 )
 
 __all__ = [
-    "LatentEdit", "Site", "SpliceHandle", "add_to_latents", "capture_activations", "clamp_latents",
-    "find_mlp_sites", "sae_sites", "scale_latents", "splice", "zero_latents",
+    "LatentEdit", "Site", "SpliceHandle", "add_to_latents", "base_model_mismatch",
+    "capture_activations", "clamp_latents", "find_mlp_sites", "sae_sites", "scale_latents",
+    "splice", "zero_latents",
 ]
 
 LatentEdit = Callable[[torch.Tensor], torch.Tensor]
@@ -160,17 +161,23 @@ def _is_sae(obj: object) -> bool:
     return isinstance(obj, nn.Module) and getattr(config, "model_type", None) == "deepsae"
 
 
-def _warn_if_other_base_model(model: nn.Module, key: SiteKey, sae: DeepSAEModel) -> None:
+def base_model_mismatch(model: nn.Module, sae: DeepSAEModel) -> str | None:
+    """Why `sae`'s latents may mean nothing in `model`, or None when it was trained there.
+
+    Compares `sae.config.base_model_name_or_path` with the model's `name_or_path`; a local copy
+    matches the Hub id its path ends with (`/models/org/name` is `org/name`), and an unknown name
+    on either side matches anything. `splice` warns with the message; callers that must not go on
+    (`SAEEvaluator`) raise it, so the rule and its wording live here alone.
+    """
     trained_on = (sae.config.base_model_name_or_path or "").rstrip("/")
     spliced_into = (getattr(getattr(model, "config", None), "_name_or_path", "")
                     or getattr(model, "name_or_path", "") or "").rstrip("/")
     same = trained_on == spliced_into or spliced_into.endswith("/" + trained_on) or \
         trained_on.endswith("/" + spliced_into)
-    if trained_on and spliced_into and not same:
-        warnings.warn(
-            f"SAE {key!r} was trained on {trained_on!r} but is spliced into {spliced_into!r}; its "
-            f"latents may mean nothing there", UserWarning, stacklevel=3,
-        )
+    if not trained_on or not spliced_into or same:
+        return None
+    return (f"it was trained on {trained_on!r} but is spliced into {spliced_into!r}; its latents "
+            f"may mean nothing there")
 
 
 def splice(model: nn.Module, saes: DeepSAEModel | Mapping[SiteKey, DeepSAEModel | None],
@@ -219,7 +226,9 @@ def splice(model: nn.Module, saes: DeepSAEModel | Mapping[SiteKey, DeepSAEModel 
             for field, site in (("d_in", read), ("d_out", write)):
                 width = linear_width(model.get_submodule(site.path), site.side)
                 _check_width(binding, field, width)
-            _warn_if_other_base_model(model, key, sae)
+            mismatch = base_model_mismatch(model, sae)
+            if mismatch is not None:
+                warnings.warn(f"SAE {key!r}: {mismatch}", UserWarning, stacklevel=2)
         bindings.append(binding)
     writes = [binding.write for binding in bindings if binding.sae is not None]
     if mode != "capture" and len(set(writes)) < len(writes):

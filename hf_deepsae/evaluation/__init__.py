@@ -5,6 +5,7 @@
   reconstruction bias, L2 ratio) and `LanguageModelMetrics` (CE clean/spliced/ablated, CE-loss
   score, KL and its score).
 - `evaluator`: `SAEEvaluator` / `evaluate_saes` feed both from token batches through `splice`.
+- `plots`: `plot_feature_density` (one SAE, or several overlaid) and `plot_fvu_vs_l0`, as PNGs.
 
 `metrics/sae_metrics` (at the repository root) wraps `ActivationMetrics` as an `evaluate` metric,
 and `examples/evaluate.py` is the command line.
@@ -25,6 +26,7 @@ from .metrics import (
     LanguageModelMetrics,
     LanguageModelMetricsResult,
 )
+from .plots import plot_feature_density, plot_fvu_vs_l0
 
 __all__ = [
     "DENSE_DENSITY_THRESHOLD",
@@ -37,5 +39,7 @@ __all__ = [
     "SAEEvaluationResult",
     "SAEEvaluator",
     "evaluate_saes",
+    "plot_feature_density",
+    "plot_fvu_vs_l0",
     "zero_ablate",
 ]

@@ -7,7 +7,6 @@ zero-ablated forward passes for `LanguageModelMetrics`, for several SAEs one at 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..modeling_deepsae import DeepSAEModel
 from ..sites import Site, attach_hook, default_key
-from ..splice import capture_activations, sae_sites, splice
+from ..splice import base_model_mismatch, capture_activations, sae_sites, splice
 from .metrics import (
     ActivationMetrics,
     ActivationMetricsResult,
@@ -201,25 +200,24 @@ def _is_causal_lm(model: PreTrainedModel) -> bool:
 def _check_compatible(
     model: PreTrainedModel, name: str, sae: DeepSAEModel, allow_base_model_mismatch: bool
 ) -> None:
-    """`splice`'s own checks (site widths vs `d_in`/`d_out`), with its warning about another base
-    model made an error: metrics of an SAE on a model it was not trained on mislead."""
+    """`splice`'s own checks (site widths vs `d_in`/`d_out`), and another base model made an
+    error rather than `splice`'s warning: metrics of an SAE on a model it was not trained on
+    mislead."""
     if sae.config.hookpoint is None and sae.config.layer is None:
         raise ValueError(
             f"SAE {name!r} names no site in its config: set config.hookpoint (a module path of "
             "the model) or config.layer"
         )
-    with warnings.catch_warnings():
-        if not allow_base_model_mismatch:
-            warnings.filterwarnings("error", message=".* was trained on ", category=UserWarning)
-        try:
-            splice(model, {default_key(sae.config): sae}, mode="capture").remove()
-        except UserWarning as mismatch:
-            raise ValueError(
-                f"SAE {name!r}: {mismatch}. Evaluate it with the model it was trained on, or pass "
-                "allow_base_model_mismatch=True (--allow_base_model_mismatch)"
-            ) from None
-        except ValueError as error:
-            raise ValueError(f"SAE {name!r} does not fit {type(model).__name__}: {error}") from None
+    mismatch = base_model_mismatch(model, sae)
+    if mismatch is not None and not allow_base_model_mismatch:
+        raise ValueError(
+            f"SAE {name!r}: {mismatch}. Evaluate it with the model it was trained on, or pass "
+            "allow_base_model_mismatch=True (--allow_base_model_mismatch)"
+        )
+    try:
+        splice(model, {default_key(sae.config): sae}, mode="capture").remove()
+    except ValueError as error:
+        raise ValueError(f"SAE {name!r} does not fit {type(model).__name__}: {error}") from None
 
 
 def evaluate_saes(
