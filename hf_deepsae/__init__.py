@@ -7,6 +7,13 @@ Importing the package registers `DeepSAEConfig`/`DeepSAEModel` with `AutoConfig`
 from transformers import AutoConfig, AutoModel
 
 from .configuration_deepsae import DeepSAEConfig
+from .evaluation import (
+    ActivationMetrics,
+    LanguageModelMetrics,
+    SAEEvaluationResult,
+    SAEEvaluator,
+    evaluate_saes,
+)
 from .hub import load_saes, push_sae_to_hub, push_saes_to_hub, save_sae, save_saes
 from .interop import from_saelens, from_sparsify, to_saelens, to_sparsify
 from .modeling_deepsae import DeepSAEModel, DeepSAEOutput, DeepSAEPreTrainedModel, SparseLatents
@@ -14,6 +21,7 @@ from .sites import Site, capture_activations, find_mlp_sites
 from .splice import (
     SpliceHandle,
     add_to_latents,
+    base_model_mismatch,
     clamp_latents,
     scale_latents,
     splice,
@@ -26,6 +34,12 @@ AutoModel.register(DeepSAEConfig, DeepSAEModel, exist_ok=True)
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationMetrics",
+    "LanguageModelMetrics",
+    "SAEEvaluationResult",
+    "SAEEvaluator",
+    "base_model_mismatch",
+    "evaluate_saes",
     "DeepSAEConfig",
     "DeepSAEModel",
     "DeepSAEOutput",
