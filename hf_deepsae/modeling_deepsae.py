@@ -122,23 +122,24 @@ class SparseStage(nn.Module):
         latent_acts, latent_indices = self.sparsity(hidden, self.encoder, pre_acts)
         return hidden, pre_acts, latent_acts, latent_indices
 
+    def _first_decoder_layer(self, latent_acts: torch.Tensor,
+                             latent_indices: torch.Tensor | None) -> torch.Tensor:
+        """`z @ W_dec`: an embedding bag over the k active latents, or a matmul for dense z."""
+        if latent_indices is None:
+            return latent_acts.to(self.W_dec.dtype) @ self.W_dec
+        return sparse_decode(latent_acts, latent_indices, self.W_dec)
+
     def decode_delta(self, latent_acts: torch.Tensor,
                      latent_indices: torch.Tensor | None) -> torch.Tensor:
         """The decoder's output minus its output for all-zero latents (no bias terms)."""
-        if latent_indices is None:
-            first_layer = latent_acts.to(self.W_dec.dtype) @ self.W_dec
-        else:
-            first_layer = sparse_decode(latent_acts, latent_indices, self.W_dec)
+        first_layer = self._first_decoder_layer(latent_acts, latent_indices)
         if self.decoder_mlp is None:
             return first_layer
         return self.decoder_mlp(first_layer) - self.decoder_mlp(torch.zeros_like(first_layer))
 
     def decode(self, latent_acts: torch.Tensor,
                latent_indices: torch.Tensor | None) -> torch.Tensor:
-        if latent_indices is None:
-            first_layer = latent_acts.to(self.W_dec.dtype) @ self.W_dec
-        else:
-            first_layer = sparse_decode(latent_acts, latent_indices, self.W_dec)
+        first_layer = self._first_decoder_layer(latent_acts, latent_indices)
         decoded = first_layer if self.decoder_mlp is None else self.decoder_mlp(first_layer)
         return decoded + self.b_dec
 
