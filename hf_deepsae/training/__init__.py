@@ -1,0 +1,19 @@
+"""Training SAEs: `TrainingConfig`, the CLI built from it, and the Accelerate loop `train`."""
+
+from .config import DEFAULT_SAE_RECIPE, SAEArguments, TrainingConfig, default_lr, parse_args
+from .dead_latents import DeadLatentCounter
+from .optim import build_optimizers, build_scheduler, std_coefficient_at
+from .trainer import train
+
+__all__ = [
+    "DEFAULT_SAE_RECIPE",
+    "DeadLatentCounter",
+    "SAEArguments",
+    "TrainingConfig",
+    "build_optimizers",
+    "build_scheduler",
+    "default_lr",
+    "parse_args",
+    "std_coefficient_at",
+    "train",
+]

@@ -1,0 +1,68 @@
+"""Optimizers and schedules: Adam(W), Muon on matrices + AdamW on the rest, lr and std schedules.
+
+Muon (`torch.optim.Muon`) orthogonalises each 2-D weight's update, so every direction of a matrix
+moves at the same rate; with `adjust_lr_fn="match_rms_adamw"` its update RMS matches AdamW's, so
+one learning rate serves both groups. Vectors (biases, LayerNorm, thresholds) stay on AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from .config import TrainingConfig
+
+
+def build_optimizers(sae: nn.Module, config: TrainingConfig, lr: float
+                     ) -> list[torch.optim.Optimizer]:
+    """The optimizer(s) of one SAE: one for adam/adamw, Muon + AdamW for muon."""
+    params = [p for p in sae.parameters() if p.requires_grad]
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "adam":
+        return [torch.optim.Adam(params, lr=lr, betas=betas)]
+    if config.optimizer == "adamw":
+        return [torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=config.weight_decay)]
+    if config.optimizer != "muon":
+        raise ValueError(f"optimizer={config.optimizer!r}: choose adam, adamw or muon")
+    matrices = [p for p in params if p.ndim == 2]
+    vectors = [p for p in params if p.ndim != 2]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.Muon(
+        matrices, lr=lr, weight_decay=config.weight_decay, momentum=config.muon_momentum,
+        adjust_lr_fn="match_rms_adamw",
+    )]
+    if vectors:
+        optimizers.append(torch.optim.AdamW(vectors, lr=lr, betas=betas, weight_decay=0.0))
+    return optimizers
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, num_steps: int
+                    ) -> torch.optim.lr_scheduler.LRScheduler:
+    """`transformers.get_scheduler(config.lr_scheduler_type)` with `warmup_ratio` of the steps.
+
+    `warmup_stable_decay` decays over the last 20% of the steps.
+    """
+    extra = {}
+    if config.lr_scheduler_type == "warmup_stable_decay":
+        extra = {"num_decay_steps": max(1, num_steps // 5)}
+    return get_scheduler(config.lr_scheduler_type, optimizer,
+                         num_warmup_steps=math.ceil(config.warmup_ratio * num_steps),
+                         num_training_steps=num_steps, scheduler_specific_kwargs=extra)
+
+
+def std_coefficient_at(coefficient: float, schedule: str, step: int, num_steps: int) -> float:
+    """The std-of-pre-activation penalty's weight at `step`: constant, or decaying to 0.
+
+    The penalty keeps pre-activations from spreading early in training (when latents die); a decay
+    lets the end of training optimise reconstruction alone.
+    """
+    progress = min(1.0, step / max(1, num_steps))
+    if schedule == "constant":
+        return coefficient
+    if schedule == "linear":
+        return coefficient * (1.0 - progress)
+    if schedule == "cosine":
+        return coefficient * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"std_coefficient_schedule={schedule!r}: choose constant, linear or cosine")
