@@ -6,6 +6,7 @@ Importing the package registers `DeepSAEConfig`/`DeepSAEModel` with `AutoConfig`
 
 from transformers import AutoConfig, AutoModel
 
+from .activations import default_corpus_files, load_language_model
 from .configuration_deepsae import DeepSAEConfig
 from .evaluation import (
     ActivationMetrics,
@@ -27,6 +28,7 @@ from .splice import (
     splice,
     zero_latents,
 )
+from .training import SAEArguments, TrainingConfig, train
 
 AutoConfig.register(DeepSAEConfig.model_type, DeepSAEConfig, exist_ok=True)
 AutoModel.register(DeepSAEConfig, DeepSAEModel, exist_ok=True)
@@ -34,6 +36,11 @@ AutoModel.register(DeepSAEConfig, DeepSAEModel, exist_ok=True)
 __version__ = "0.1.0"
 
 __all__ = [
+    "SAEArguments",
+    "TrainingConfig",
+    "default_corpus_files",
+    "load_language_model",
+    "train",
     "ActivationMetrics",
     "LanguageModelMetrics",
     "SAEEvaluationResult",

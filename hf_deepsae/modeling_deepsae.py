@@ -190,6 +190,7 @@ class DeepSAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, DecoderMLP):
             init.zeros_(module.bias)
+            init.zeros_(module.out.weight)  # start at x̂ = b_dec: measured fewer dead latents
         elif isinstance(module, JumpReLU):
             init.constant_(module.threshold, module.init_threshold)
         elif isinstance(module, SparseStage):
