@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from example_scripts import import_example
 from tiny_models import VOCAB_SIZE, tiny_model
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -22,12 +23,7 @@ SCRIPT = Path(__file__).parents[1] / "examples" / "evaluate.py"
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("evaluate_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from import_example("evaluate")
 
 
 @pytest.fixture(scope="module")

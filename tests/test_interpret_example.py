@@ -1,12 +1,10 @@
 """`examples/interpret.py` end to end: a tiny random model, then the offline default (slow)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from example_scripts import import_example
 from safetensors.numpy import load_file
 from test_interpret_scoring import judge_tokenizer
 from tiny_models import VOCAB_SIZE, tiny_model
@@ -14,18 +12,12 @@ from tiny_models import VOCAB_SIZE, tiny_model
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
 from hf_deepsae.interpret import LatentCache, split_ranges
 
-SCRIPT = Path(__file__).parents[1] / "examples" / "interpret.py"
 HOOKPOINT = "model.layers.0.mlp.down_proj"
 
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("interpret_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from import_example("interpret")
 
 
 @pytest.fixture(scope="module")
