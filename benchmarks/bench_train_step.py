@@ -23,8 +23,8 @@ upkeep (~6%). Everything sparse (gathering the k values, the CSR/SDDMM backward 
 the embedding-bag decode) costs O(B·k·d), ~8% together. sparsify runs the same GEMM and top-k
 and pays instead for a ReLU pass over all pre-activations, a `[B·k, d]` = 302 MB intermediate
 in its encoder weight gradient and `embedding_bag`'s slow CPU backward. So the fp32 speed-up is
-capped near sparsify_step / (GEMM + top-k) ≈ 2x even with zero other overhead; reaching it needs
-a cheaper GEMM (choosing the latents with a bf16 GEMM, exact fp32 values and gradients).
+capped at sparsify_step / (GEMM + top-k), 2-2.5x here, even with zero other overhead; reaching 2x
+needs a cheaper GEMM (choosing the latents with a bf16 GEMM, exact fp32 values and gradients).
 """
 
 from __future__ import annotations
@@ -281,7 +281,6 @@ def main() -> None:
     print_table(rows, ["library", "mode", "steps", "median_step_s", "median_step_cpu_s",
                        "tokens_per_s", "held_out_fvu", "held_out_l0", "held_out_dead_fraction",
                        "total_latents"])
-    results["load_average_after"] = os.getloadavg()
     write_results(args.results_name, results)
 
 

@@ -45,6 +45,8 @@ MAX_CACHED_TOKENS = 1 << 20
 BATCH_SIZE = 4096
 """Tokens per training step in every benchmark (as in the issue: 4096-token batches)."""
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LOAD_AVERAGE_AT_START = os.getloadavg()
+"""1/5/15-minute load averages when the benchmark started (they include its own threads)."""
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_deepsae"
 
 
@@ -165,7 +167,8 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "load_average_1_5_15": os.getloadavg(),
+        "load_average_1_5_15_at_start": LOAD_AVERAGE_AT_START,
+        "load_average_1_5_15_at_end": os.getloadavg(),
     }
 
 

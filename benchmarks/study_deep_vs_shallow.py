@@ -61,7 +61,7 @@ ARCHITECTURES = {
     "deep": {"encoder_hidden": [D_IN], "decoder_hidden": [D_IN], "layer_norm": True},
     **{f"stacked-{stages}": {"n_stacked": stages} for stages in range(2, 6)},
 }
-QUICK = {"expansion_factor": 4, "batch_size": 1024, "train_tokens": 98_304, "ks": [8, 16, 32, 64],
+QUICK = {"expansion_factor": 4, "batch_size": 1024, "train_tokens": 49_152, "ks": [8, 16, 32, 64],
          "optimizers": ["adam", "muon"], "std_coefficients": [0.0, 0.05], "ce_tokens": 1024}
 CE_MODULES = ["argparse", "collections", "contextlib", "dataclasses", "functools", "itertools",
               "json", "logging", "os", "pathlib", "re", "subprocess", "threading", "typing",
