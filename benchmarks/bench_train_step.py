@@ -56,11 +56,19 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel  # noqa: E402
 from hf_deepsae.evaluation import ActivationMetrics  # noqa: E402
+from hf_deepsae.sparsity import selection_pre_acts  # noqa: E402
 from hf_deepsae.training.config import TrainingConfig, default_lr  # noqa: E402
 from hf_deepsae.training.optim import build_optimizers  # noqa: E402
 
 D_IN, EXPANSION, K, BATCH = 576, 16, 32, BATCH_SIZE
 N_LATENTS = EXPANSION * D_IN
+MODES = {  # name: (bf16 autocast for both libraries, extra DeepSAEConfig fields for hf_deepsae)
+    "fp32": (False, {}),
+    "fp32+bf16-choice": (False, {"topk_selection_dtype": "bfloat16"}),
+    "bf16": (True, {}),
+}
+"""fp32: exact fp32 top-k. fp32+bf16-choice: the k latents chosen from a bf16 encoder product, their
+values, the gradients and the weights in fp32 (sparsify in fp32). bf16: autocast for both."""
 ARCHITECTURES = {  # tokens/s only: the other architectures at the same total latents and L0
     "mlp-encoder": {"encoder_hidden": [D_IN]},
     "deep": {"encoder_hidden": [D_IN], "decoder_hidden": [D_IN], "layer_norm": True},
@@ -124,9 +132,10 @@ def shallow_sae(extra_config: dict) -> DeepSAEModel:
     return DeepSAEModel(DeepSAEConfig(d_in=D_IN, expansion_factor=EXPANSION, k=K, **extra_config))
 
 
-def run_side_by_side(train: torch.Tensor, held_out: torch.Tensor, steps: int, bf16: bool,
+def run_side_by_side(train: torch.Tensor, held_out: torch.Tensor, steps: int, mode: str,
                      seed: int, extra_config: dict) -> dict:
     """`steps` interleaved steps of both libraries; GEMM throughput measured in between."""
+    bf16 = MODES[mode][0]
     torch.manual_seed(seed)
     sae = shallow_sae(extra_config)
     sae.initialize_from_activations(train[:BATCH * 4])
@@ -148,7 +157,7 @@ def run_side_by_side(train: torch.Tensor, held_out: torch.Tensor, steps: int, bf
                 cpu_seconds[name].append(time.process_time() - cpu_start)
         if i % 4 == 1:
             encoder, peak = encoder_gemm_gflops(sae, x_probe, bf16), matmul_peak_gflops(
-                torch.bfloat16 if bf16 else torch.float32, repeats=2)
+                encoder_gemm_dtype(sae, bf16), repeats=2)
             encoder_gflops.append(encoder)
             gemm_fractions.append(encoder / peak)
     evaluations = {
@@ -162,7 +171,8 @@ def run_side_by_side(train: torch.Tensor, held_out: torch.Tensor, steps: int, bf
     for name in trainers:
         step_seconds = statistics.median(seconds[name])
         rows[name] = {
-            "library": name, "mode": "bf16" if bf16 else "fp32", "steps": steps,
+            "library": name, "mode": mode if name == "hf_deepsae" else "bf16" if bf16 else "fp32",
+            "steps": steps,
             "median_step_s": step_seconds, "tokens_per_s": BATCH / step_seconds,
             "median_step_cpu_s": statistics.median(cpu_seconds[name]),
             "step_gflops": encoder_flops / step_seconds / 1e9,
@@ -193,18 +203,27 @@ def _sparsify_encode_decode(coder: SparseCoder, x: torch.Tensor, bf16: bool):
     return out.sae_out.float(), out.latent_acts, out.latent_indices
 
 
+def encoder_gemm_dtype(sae: DeepSAEModel, bf16: bool) -> torch.dtype:
+    """The dtype the encoder product runs in: autocast's, the top-k choice's, or fp32."""
+    if bf16:
+        return torch.bfloat16
+    return getattr(torch, sae.config.topk_selection_dtype or "float32")
+
+
 def encoder_gemm_gflops(sae: DeepSAEModel, x: torch.Tensor, bf16: bool) -> float:
-    """Achieved GFLOP/s of the encoder product alone, at the training shape."""
-    encoder = sae.stages[0].encoder
+    """Achieved GFLOP/s of the encoder product alone, at the training shape, as the step runs it."""
+    stage = sae.stages[0]
     with torch.no_grad(), autocast(bf16):
-        seconds = min(timed(lambda: encoder(x)) for _ in range(3))
-    return 2 * x.shape[0] * D_IN * encoder.out_features / seconds / 1e9
+        seconds = min(timed(lambda: selection_pre_acts(
+            x, stage.encoder, sae.config.topk_selection_dtype, stage.pre_act_workspace))
+            for _ in range(3))
+    return 2 * x.shape[0] * D_IN * stage.encoder.out_features / seconds / 1e9
 
 
-def architecture_speeds(train: torch.Tensor, steps: int, bf16: bool, extra_config: dict
+def architecture_speeds(train: torch.Tensor, steps: int, mode: str, extra_config: dict
                         ) -> list[dict]:
     """Tokens/s of MLP-encoder, deep and stacked SAEs at 9216 latents in all and L0 = 32."""
-    rows = []
+    rows, bf16 = [], MODES[mode][0]
     for name, overrides in ARCHITECTURES.items():
         torch.manual_seed(0)
         sae = DeepSAEModel(DeepSAEConfig(**{"d_in": D_IN, "n_latents": N_LATENTS, "k": K,
@@ -213,7 +232,7 @@ def architecture_speeds(train: torch.Tensor, steps: int, bf16: bool, extra_confi
         step = hf_deepsae_trainer(sae, default_lr(sae.config.n_latents), bf16)
         times = [timed(lambda x=x, step=step: step(x))
                  for x in batches(train, BATCH, steps + 1)][1:]
-        rows.append({"library": f"hf_deepsae {name}", "mode": "bf16" if bf16 else "fp32",
+        rows.append({"library": f"hf_deepsae {name}", "mode": mode,
                      "steps": steps, "median_step_s": statistics.median(times),
                      "tokens_per_s": BATCH / statistics.median(times),
                      "total_latents": sae.config.n_total_latents,
@@ -221,8 +240,9 @@ def architecture_speeds(train: torch.Tensor, steps: int, bf16: bool, extra_confi
     return rows
 
 
-def write_profiles(train: torch.Tensor, bf16: bool, extra_config: dict, name: str) -> None:
+def write_profiles(train: torch.Tensor, mode: str, extra_config: dict, name: str) -> None:
     """torch.profiler tables (self CPU time) of 3 steps of each library, into results/."""
+    bf16 = MODES[mode][0]
     torch.manual_seed(0)
     sae = shallow_sae(extra_config)
     sae.initialize_from_activations(train[:BATCH * 4])
@@ -234,10 +254,30 @@ def write_profiles(train: torch.Tensor, bf16: bool, extra_config: dict, name: st
             for x in batches(train, BATCH, 3):
                 step(x)
         table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        path = RESULTS_DIR / f"profile_{name}_{library}_{'bf16' if bf16 else 'fp32'}.txt"
+        path = RESULTS_DIR / f"profile_{name}_{library}_{mode}.txt"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         path.write_text(table)
-        print(f"\n{library} ({'bf16' if bf16 else 'fp32'}), 3 steps:\n{table}")
+        print(f"\n{library} ({mode}), 3 steps:\n{table}")
+
+
+def check_targets(summaries: dict[str, dict]) -> dict[str, bool]:
+    """The issue's targets, per mode: ≥ 2x sparsify's tokens/s at held-out FVU ≤ sparsify's + 0.01
+    and the encoder GEMM at ≥ 50% of peak; bf16 faster than exact fp32 at its FVU ± 0.01."""
+    targets = {}
+    for mode, summary in summaries.items():
+        if not MODES[mode][0]:
+            targets[f"{mode}: >= 2x sparsify tokens/s"] = summary["speedup"] >= 2.0
+        targets[f"{mode}: held-out FVU <= sparsify + 0.01"] = summary["fvu_gap"] <= 0.01
+        targets[f"{mode}: encoder GEMM >= 50% of peak"] = (
+            summary["encoder_gemm_fraction_of_peak"] >= 0.5)
+    if "bf16" in summaries and "fp32" in summaries:
+        bf16, fp32 = (summaries[m]["rows"][0] for m in ("bf16", "fp32"))
+        fastest_fp32 = max(summaries[m]["rows"][0]["tokens_per_s"] for m in summaries
+                           if not MODES[m][0])
+        targets["bf16: faster than every fp32 mode"] = bf16["tokens_per_s"] > fastest_fp32
+        targets["bf16: held-out FVU = fp32's +- 0.01"] = abs(
+            bf16["held_out_fvu"] - fp32["held_out_fvu"]) <= 0.01
+    return targets
 
 
 def main() -> None:
@@ -246,7 +286,7 @@ def main() -> None:
     parser.add_argument("--architecture_steps", type=int, default=6,
                         help="timed steps for each of the other architectures")
     parser.add_argument("--eval_tokens", type=int, default=16_384)
-    parser.add_argument("--modes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--profile", action="store_true", help="also write torch.profiler tables")
     parser.add_argument("--sae_config", type=json.loads, default={},
                         help='extra DeepSAEConfig fields for hf_deepsae\'s SAEs, as JSON')
@@ -264,23 +304,27 @@ def main() -> None:
     results: dict = {"settings": vars(args), "modes": {}}
     rows = []
     for mode in args.modes:
-        bf16 = mode == "bf16"
+        extra_config = {**MODES[mode][1], **args.sae_config}
         if args.profile:
-            write_profiles(train, bf16, args.sae_config, args.results_name)
-        summary = run_side_by_side(train, held_out, args.steps, bf16, args.seed, args.sae_config)
-        summary["architectures"] = architecture_speeds(train, args.architecture_steps, bf16,
-                                                       args.sae_config)
+            write_profiles(train, mode, extra_config, args.results_name)
+        summary = run_side_by_side(train, held_out, args.steps, mode, args.seed, extra_config)
+        summary["architectures"] = architecture_speeds(train, args.architecture_steps, mode,
+                                                       extra_config)
         results["modes"][mode] = summary
         rows += summary["rows"] + summary["architectures"]
         print(f"[{mode}] hf_deepsae/sparsify tokens/s: {summary['speedup']:.2f}x (in CPU time "
               f"per step: {summary['speedup_in_cpu_time']:.2f}x); held-out FVU "
               f"gap {summary['fvu_gap']:+.4f}; encoder GEMM {summary['encoder_gemm_gflops']:.0f} "
               f"GFLOP/s = {summary['encoder_gemm_fraction_of_peak']:.0%} of the measured matmul "
-              f"peak; whole step at {summary['step_fraction_of_peak']:.0%} of peak")
+              f"peak; whole step at {summary['step_fraction_of_peak']:.0%} of peak", flush=True)
     print()
     print_table(rows, ["library", "mode", "steps", "median_step_s", "median_step_cpu_s",
                        "tokens_per_s", "held_out_fvu", "held_out_l0", "held_out_dead_fraction",
                        "total_latents"])
+    results["targets"] = check_targets(results["modes"])
+    print("\ntargets:")
+    for target, met in results["targets"].items():
+        print(f"  [{'met' if met else 'NOT met'}] {target}")
     write_results(args.results_name, results)
 
 

@@ -32,6 +32,7 @@ from hf_deepsae.activations import (
     tokenize_and_chunk,
 )
 from hf_deepsae.modeling_deepsae import DeepSAEOutput
+from hf_deepsae.training import update_sae
 from hf_deepsae.training.activation_cache import (
     CachedActivations,
     open_or_build_cache,
@@ -100,27 +101,15 @@ def make_train_step(sae: DeepSAEModel, optimizers: list[torch.optim.Optimizer], 
                     schedulers: list[Any] = (), dead: DeadLatentCounter | None = None,
                     max_grad_norm: float = 0.0, bf16: bool = False
                     ) -> Callable[[torch.Tensor], DeepSAEOutput]:
-    """hf_deepsae's training step (as `hf_deepsae.training` runs it) for one SAE, on one device.
-
-    Forward (with the AuxK loss when `dead` counts dead latents), backward, drop the gradient
-    parallel to unit decoder rows, clip, step optimizers and schedulers, renormalise the decoder.
-    """
+    """hf_deepsae's training step (as `hf_deepsae.training` runs it) for one SAE, on one device:
+    forward (with the AuxK loss when `dead` counts dead latents), backward, `update_sae`."""
     def step(x: torch.Tensor) -> DeepSAEOutput:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = sae(x, dead_mask=None if dead is None else dead.dead_mask)
         out.loss.backward()
         if dead is not None:
             dead.update(out.latent_acts, out.latent_indices, n_tokens=x.shape[0])
-        sae.remove_gradient_parallel_to_decoder_directions()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
-        for optimizer in optimizers:
-            optimizer.step()
-        for scheduler in schedulers:
-            scheduler.step()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
+        update_sae(sae, optimizers, schedulers, max_grad_norm)
         return out
 
     return step

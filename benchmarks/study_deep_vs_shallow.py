@@ -6,7 +6,9 @@
 On SmolLM2-135M-Instruct's layer-6 MLP output (the cached activations; the last 16k tokens held
 out), every SAE trains on the same number of tokens with the project's training recipe (AuxK on
 dead latents, unit-norm decoder upkeep, gradient clipping, `hf_deepsae.training.optim`'s Adam or
-Muon + AdamW with a linear schedule) and is scored by `hf_deepsae.evaluation`. Sweeps:
+Muon + AdamW with a linear schedule, at the trainer's default learning rate for each: Gao et al.'s
+width scaling per stage, times `MUON_LR_SCALE` for Muon) and is scored by `hf_deepsae.evaluation`.
+Sweeps:
 
 - architectures at equal total latents: shallow TopK, MLP-encoder (one dense layer before the
   sparse one), deep (dense layers on both sides, LayerNorm), stacked residual top-k with 2-5
@@ -47,7 +49,7 @@ from datasets import Dataset
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
 from hf_deepsae.activations import EMBEDDED_MODEL_NAME, load_language_model, tokenize_and_chunk
 from hf_deepsae.evaluation import ActivationMetrics, evaluate_saes
-from hf_deepsae.training.config import TrainingConfig, default_lr
+from hf_deepsae.training.config import TrainingConfig
 from hf_deepsae.training.dead_latents import DeadLatentCounter
 from hf_deepsae.training.optim import build_optimizers, build_scheduler
 
@@ -89,7 +91,7 @@ def train_one(config: DeepSAEConfig, optimizer: str, train: torch.Tensor, args: 
     num_steps = args.train_tokens // args.batch_size
     training = TrainingConfig(optimizer=optimizer, total_tokens=args.train_tokens,
                               batch_size=args.batch_size)
-    optimizers = build_optimizers(sae, training, default_lr(config.n_total_latents))
+    optimizers = build_optimizers(sae, training, training.resolved_lr(config.n_latents))
     dead = DeadLatentCounter(config.n_total_latents, training.resolved_dead_threshold_tokens(),
                              device=args.device)
     step = make_train_step(

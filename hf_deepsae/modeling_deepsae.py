@@ -4,8 +4,8 @@ Every architecture is a stack of `SparseStage`s (one unless `n_stacked > 1`). A 
 `encoder MLP → Linear → sparsity → decoder (W_dec, then an optional MLP) + b_dec`. Stacked stages
 are residual: stage i encodes what stages < i left unexplained and the reconstructions add up.
 
-This file, `configuration_deepsae.py` and `sparsity.py` are copied next to every saved checkpoint
-(`auto_map`), so they import nothing from hf_deepsae beyond each other.
+This file, `configuration_deepsae.py`, `sparsity.py` and `pre_activation_std.py` are copied next to
+every saved checkpoint (`auto_map`), so they import nothing from hf_deepsae beyond each other.
 """
 
 from __future__ import annotations
@@ -25,7 +25,16 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .configuration_deepsae import DeepSAEConfig
-from .sparsity import SPARSITY_CLASSES, JumpReLU, gather_linear, sparse_decode, topk_select
+from .pre_activation_std import gram_pre_act_std, mean_row_std
+from .sparsity import (
+    SPARSITY_CLASSES,
+    JumpReLU,
+    Workspace,
+    gather_linear,
+    selection_pre_acts,
+    sparse_decode,
+    topk_select,
+)
 
 
 class SparseLatents(NamedTuple):
@@ -103,6 +112,7 @@ class SparseStage(nn.Module):
         encoder_width = config.encoder_hidden[-1] if config.encoder_hidden else config.d_in
         self.encoder = nn.Linear(encoder_width, config.n_latents)
         self.sparsity = SPARSITY_CLASSES[config.sparsity](config)
+        self.pre_act_workspace = Workspace()
         decoder_width = config.decoder_hidden[0] if config.decoder_hidden else config.d_out
         self.W_dec = nn.Parameter(torch.empty(config.n_latents, decoder_width))
         self.b_dec = nn.Parameter(torch.zeros(config.d_out))
@@ -110,13 +120,17 @@ class SparseStage(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor | None]:
-        """Hidden input of the sparse layer, its pre-activations, and the sparse latents."""
+        """Hidden input of the sparse layer, its pre-activations, and the sparse latents.
+
+        A top-k stage's pre-activations carry no gradient and, on CPU, live in the stage's
+        reused workspace: the next call overwrites them.
+        """
         if not self.config.transcoder:
             x = x - self.b_dec
         hidden = self.encoder_mlp(x)
-        if self.config.is_topk:
-            with torch.no_grad():  # the gradient flows through the k selected latents only
-                pre_acts = self.encoder(hidden)
+        if self.config.is_topk:  # the gradient flows through the k selected latents only
+            pre_acts = selection_pre_acts(hidden, self.encoder, self.config.topk_selection_dtype,
+                                          self.pre_act_workspace)
         else:
             pre_acts = self.encoder(hidden)
         latent_acts, latent_indices = self.sparsity(hidden, self.encoder, pre_acts)
@@ -146,7 +160,7 @@ class SparseStage(nn.Module):
     def select(self, hidden: torch.Tensor, pre_acts: torch.Tensor,
                indices: torch.Tensor) -> torch.Tensor:
         """Pre-activations at `indices`, differentiable whichever way `pre_acts` was computed."""
-        if pre_acts.requires_grad or not torch.is_grad_enabled():
+        if pre_acts.requires_grad:
             return pre_acts.gather(-1, indices)
         return gather_linear(hidden, self.encoder, indices, pre_acts)
 
@@ -154,22 +168,14 @@ class SparseStage(nn.Module):
                     differentiable: bool) -> torch.Tensor:
         """Mean over rows of the std of the pre-activations across latents.
 
-        When the pre-activations were computed without gradient (top-k), the differentiable value
-        comes from the second moments `W_encᵀW_enc`: O(n·d²) instead of a dense backward.
+        Top-k pre-activations carry no gradient, so the differentiable value comes from the
+        encoder's second moments (`gram_pre_act_std`); a value only logged takes the cheap path.
         """
-        if not differentiable or pre_acts.requires_grad:
+        if not differentiable:
+            return mean_row_std(pre_acts)
+        if pre_acts.requires_grad:
             return pre_acts.float().std(dim=-1).mean()
-        weight, bias = self.encoder.weight.float(), self.encoder.bias.float()
-        hidden = hidden.float()
-        n = weight.shape[0]
-        mean = hidden @ weight.mean(0) + bias.mean()
-        second_moment = (
-            ((hidden @ (weight.T @ weight / n)) * hidden).sum(-1)
-            + 2 * hidden @ (weight.T @ bias / n)
-            + bias.dot(bias) / n
-        )
-        variance = (second_moment - mean.pow(2)).clamp_min(0) * n / (n - 1)
-        return variance.add(1e-12).sqrt().mean()
+        return gram_pre_act_std(hidden, self.encoder)
 
 
 class DeepSAEPreTrainedModel(PreTrainedModel):

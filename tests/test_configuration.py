@@ -45,6 +45,9 @@ def test_architecture_names(kwargs, architecture):
         ({"hook_site": "attn"}, "invalid hook_site='attn'"),
         ({"std_coefficient": -1.0}, "loss coefficients must be >= 0"),
         ({"batchtopk_threshold_momentum": 1.0}, "invalid batchtopk_threshold_momentum"),
+        ({"topk_selection_dtype": "int8"}, "invalid topk_selection_dtype='int8'; choose one of"),
+        ({"topk_selection_dtype": "bfloat16", "sparsity": "jumprelu"},
+         "applies to sparsity='topk' only"),
     ],
 )
 def test_invalid_settings_raise_with_field_and_fix(kwargs, message):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
+from hf_deepsae.sparsity import gather_linear, sparse_decode
 
 D_IN = 32
 ARCHITECTURES = {
@@ -143,6 +144,71 @@ def test_sparse_gradients_match_dense_reference(name):
     for param_name, param in sae.named_parameters():
         torch.testing.assert_close(sparse_grads[param_name], param.grad, rtol=1e-4, atol=1e-5,
                                    msg=f"gradient of {param_name} differs")
+
+
+def exact_pre_acts(sae: DeepSAEModel, x: torch.Tensor) -> torch.Tensor:
+    stage = sae.stages[0]
+    with torch.no_grad():
+        return stage.encoder(stage.encoder_mlp(x - stage.b_dec))
+
+
+@pytest.mark.parametrize("precision", ["bf16 selection", "bf16 autocast"])
+def test_a_bf16_choice_of_latents_keeps_their_fp32_values(precision):
+    selection = {"topk_selection_dtype": "bfloat16"} if precision == "bf16 selection" else {}
+    sae = make_sae("topk", n_latents=512, k=16, **selection)
+    x = torch.randn(64, D_IN)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
+        out = sae(x)
+    exact = exact_pre_acts(sae, x)
+    assert out.latent_acts.dtype == torch.float32
+    torch.testing.assert_close(out.latent_acts, F.relu(exact.gather(-1, out.latent_indices)),
+                               rtol=1e-6, atol=1e-6)
+    # The bf16 choice differs from the exact top-k only among near-ties at the k-th value.
+    kth_largest = exact.topk(16).values[:, -1:]
+    assert exact.gather(-1, out.latent_indices).ge(kth_largest - 0.02 * exact.abs().amax()).all()
+    chosen = torch.zeros_like(exact).scatter_(-1, out.latent_indices, 1.0)
+    exact_choice = torch.zeros_like(exact).scatter_(-1, exact.topk(16).indices, 1.0)
+    assert (chosen * exact_choice).sum() / chosen.sum() > 0.9
+
+
+def test_a_bf16_choice_of_latents_gets_the_exact_fp32_gradient():
+    sae = make_sae("topk", topk_selection_dtype="bfloat16")
+    x = torch.randn(16, D_IN)
+    out = sae(x)
+    out.fvu.backward()
+    sparse_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    stage = sae.stages[0]
+    pre = stage.encoder(x - stage.b_dec)
+    z = torch.zeros_like(pre).scatter(-1, out.latent_indices,
+                                      F.relu(pre.gather(-1, out.latent_indices)))
+    ((stage.decode(z, None) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).backward()
+    for param_name, param in sae.named_parameters():
+        torch.testing.assert_close(sparse_grads[param_name], param.grad, rtol=1e-4, atol=1e-6,
+                                   msg=f"gradient of {param_name} differs")
+
+
+def test_sparse_kernels_sum_repeated_indices_like_dense_autograd():
+    torch.manual_seed(0)
+    n_latents, d = 10, 6
+    indices = torch.tensor([[1, 1, 1, 2], [0, 0, 9, 9], [3, 4, 3, 4], [5, 5, 5, 5], [7, 8, 1, 7]])
+    one_hot = F.one_hot(indices, n_latents).float()  # [rows, slots, latents]
+    linear = torch.nn.Linear(d, n_latents)
+    weight = torch.randn(n_latents, d, requires_grad=True)
+    h = torch.randn(5, d, requires_grad=True)
+    values = gather_linear(h, linear, indices, linear(h).detach())
+    decoded = sparse_decode(values, indices, weight)
+    decoded.backward(grad := torch.randn_like(decoded))
+    sparse = [tensor.grad.clone() for tensor in (h, weight, linear.weight, linear.bias)]
+    for tensor in (h, weight, linear.weight, linear.bias):
+        tensor.grad = None
+    dense_values = torch.einsum("bjn,bn->bj", one_hot, linear(h))
+    dense = torch.einsum("bj,bjn,nd->bd", dense_values, one_hot, weight)
+    torch.testing.assert_close(decoded, dense)
+    dense.backward(grad)
+    for name, got, tensor in zip(("h", "W_dec", "encoder weight", "encoder bias"), sparse,
+                                 (h, weight, linear.weight, linear.bias), strict=True):
+        torch.testing.assert_close(got, tensor.grad, msg=f"gradient of {name} differs")
 
 
 def test_jumprelu_thresholds_get_gradient_from_l0_penalty():

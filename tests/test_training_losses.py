@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
+from hf_deepsae.pre_activation_std import mean_row_std
 from hf_deepsae.training import DeadLatentCounter
 
 
@@ -79,6 +80,26 @@ def test_std_penalty_value_and_gradient_match_the_definition(encoder_hidden):
     (grad_model,) = torch.autograd.grad(out.pre_act_std, weight)
     (grad_direct,) = torch.autograd.grad(direct_pre_act_std(sae, x), weight)
     torch.testing.assert_close(grad_model, grad_direct, rtol=1e-4, atol=1e-6)
+
+
+def test_logged_std_without_penalty_matches_the_definition():
+    sae = small_sae(k=2, n_latents=300)
+    x = torch.randn(16, 4)
+    out = sae(x)
+    torch.testing.assert_close(out.pre_act_std, direct_pre_act_std(sae, x))
+    assert not out.pre_act_std.requires_grad
+
+
+@pytest.mark.parametrize(("dtype", "mean", "rtol"), [
+    (torch.float32, -0.3, 1e-5),    # SAE-like: |row mean| of the order of the std
+    (torch.bfloat16, 0.5, 1e-4),
+    (torch.float32, 3e3, 1e-5),     # mean ≫ std: raw moments would cancel, torch.std takes over
+])
+def test_mean_row_std_matches_torch_std(dtype, mean, rtol):
+    torch.manual_seed(0)
+    values = (torch.randn(300, 2, 1000) * torch.rand(300, 2, 1) + mean).to(dtype)
+    expected = values.double().std(-1).mean().float()
+    torch.testing.assert_close(mean_row_std(values), expected, rtol=rtol, atol=0)
 
 
 def test_std_coefficient_argument_overrides_the_config_for_schedules():

@@ -14,6 +14,7 @@ from hf_deepsae.training import (
     build_scheduler,
     default_lr,
     std_coefficient_at,
+    update_sae,
 )
 from hf_deepsae.training.config import MUON_LR_SCALE
 
@@ -50,6 +51,23 @@ def test_adam_variants_are_one_optimizer_over_everything(name, kind):
     (optimizer,) = build_optimizers(sae, TrainingConfig(optimizer=name), lr=1e-3)
     assert type(optimizer) is kind
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(sae.parameters()))
+    assert optimizer.defaults["fused"]  # one kernel per parameter on CPU
+
+
+def test_update_sae_keeps_unit_decoder_rows_and_clips():
+    torch.manual_seed(0)
+    sae = DeepSAEModel(DeepSAEConfig(d_in=8, n_latents=16, k=2))
+    (optimizer,) = build_optimizers(sae, TrainingConfig(optimizer="adam"), lr=0.1)
+    (sae(torch.randn(32, 8) * 100).loss * 1e6).backward()
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    norms = []
+    update_sae(sae, [optimizer], max_grad_norm=1.0,
+               clip_grad_norm=lambda params, max_norm: norms.append(
+                   torch.nn.utils.clip_grad_norm_(list(params), max_norm)))
+    assert norms and norms[0] > 1.0  # clipping saw the large gradient
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
+    assert all(p.grad is None for p in sae.parameters())
+    assert not torch.equal(before["stages.0.encoder.weight"], sae.stages[0].encoder.weight)
 
 
 def lrs(scheduler_type: str, steps: int = 100, warmup_ratio: float = 0.1) -> list[float]:

@@ -2,7 +2,7 @@
 
 from .config import DEFAULT_SAE_RECIPE, SAEArguments, TrainingConfig, default_lr, parse_args
 from .dead_latents import DeadLatentCounter
-from .optim import build_optimizers, build_scheduler, std_coefficient_at
+from .optim import build_optimizers, build_scheduler, std_coefficient_at, update_sae
 from .trainer import train
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "parse_args",
     "std_coefficient_at",
     "train",
+    "update_sae",
 ]

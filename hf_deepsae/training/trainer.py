@@ -45,7 +45,7 @@ from .activation_cache import open_or_build_cache
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainingConfig, sae_config_kwargs
 from .dead_latents import DeadLatentCounter
-from .optim import build_optimizers, build_scheduler, std_coefficient_at
+from .optim import build_optimizers, build_scheduler, std_coefficient_at, update_sae
 
 
 class Target(NamedTuple):
@@ -219,17 +219,8 @@ def _train_step(run: SAERun, batch: dict[str, torch.Tensor], config: TrainingCon
                     n_tokens=config.batch_size * accelerator.num_processes,
                     reduce=lambda fired: accelerator.reduce(fired, "sum"))
     if accelerator.sync_gradients:
-        sae = accelerator.unwrap_model(run.sae)
-        sae.remove_gradient_parallel_to_decoder_directions()
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(run.sae.parameters(), config.max_grad_norm)
-        for optimizer in run.optimizers:
-            optimizer.step()
-        for scheduler in run.schedulers:
-            scheduler.step()
-        for optimizer in run.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
+        update_sae(accelerator.unwrap_model(run.sae), run.optimizers, run.schedulers,
+                   config.max_grad_norm, accelerator.clip_grad_norm_)
     l0 = (out.latent_acts != 0).sum(-1).float().mean()
     return torch.stack([out.loss, out.fvu, l0, out.aux_loss, out.pre_act_std]).detach().float()
 
