@@ -43,7 +43,7 @@ from common import (
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
 from hf_deepsae.activations import ActivationStream
 from hf_deepsae.sparsity import sparse_decode, topk_select
-from hf_deepsae.training.config import default_lr
+from hf_deepsae.training import TrainingConfig, build_optimizers, default_lr
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -58,7 +58,8 @@ def measure_point(n_latents: int, k: int, batch_size: int, steps: int) -> dict:
     torch.manual_seed(0)
     sae = DeepSAEModel(DeepSAEConfig(d_in=D_IN, n_latents=n_latents, k=k))
     sae.initialize_from_activations(activations[:batch_size])
-    step = make_train_step(sae, [torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents))])
+    step = make_train_step(sae, build_optimizers(sae, TrainingConfig(optimizer="adam"),
+                                                 default_lr(n_latents)))
     step_times = [timed(lambda x=x: step(x)) for x in batches(activations, batch_size, steps + 1)]
     stage, x = sae.stages[0], activations[:batch_size]
     with torch.no_grad():
@@ -109,7 +110,8 @@ def stream_memory(tokens: int, batch_size: int, n_latents: int) -> list[dict]:
     stream = ActivationStream(source, batch_size=batch_size, buffer_size=4 * batch_size)
     torch.manual_seed(0)
     sae = DeepSAEModel(DeepSAEConfig(d_in=D_IN, n_latents=n_latents, k=32))
-    step = make_train_step(sae, [torch.optim.Adam(sae.parameters(), lr=default_lr(n_latents))])
+    step = make_train_step(sae, build_optimizers(sae, TrainingConfig(optimizer="adam"),
+                                                 default_lr(n_latents)))
     samples, seen, start = [], 0, time.perf_counter()
     while seen < tokens:
         x = next(stream)[HOOKPOINT]

@@ -1,6 +1,6 @@
 """Training speed side by side: hf_deepsae's TopK step vs EleutherAI sparsify's `SparseCoder`.
 
-    python benchmarks/bench_train_step.py            # fp32 + bf16 autocast, 40 steps each
+    python benchmarks/bench_train_step.py            # three modes, 40 steps each, targets checked
     python benchmarks/bench_train_step.py --profile  # also a torch.profiler table per library
 
 Same activations (SmolLM2-135M-Instruct layer-6 MLP output over Python's docs, cached once, the
@@ -11,20 +11,24 @@ Steps alternate between the libraries (which goes first alternates too), so both
 machine load; tokens/s come from median wall-clock step times, and the process CPU time per step
 is reported too (steadier than wall time on a shared machine). Each step is the whole training
 step: forward, backward, decoder-norm upkeep (drop the gradient parallel to decoder rows,
-renormalise) and Adam.
+renormalise) and Adam (hf_deepsae's fused kernel, sparsify's default).
 
-What bounds the step (torch.profiler, fp32, results/profile_train_step_*.txt): the one dense
-product, the encoder GEMM `[4096, 576] @ [576, 9216]` (43.5 GFLOP), runs at 85-90% of this
-machine's measured matmul peak and is ~50% of hf_deepsae's step. The rest is memory-bound passes
-over the `[4096, 9216]` fp32 pre-activations (151 MB): the std-of-pre-activations statistic the
-model logs (`torch.std`, ~20%; a one-pass version costs ~1%), top-k selection (~9%), and writing
-the bias into freshly allocated pages (~7%); then Adam over 10.6M parameters and the decoder-norm
-upkeep (~6%). Everything sparse (gathering the k values, the CSR/SDDMM backward through them,
-the embedding-bag decode) costs O(B·k·d), ~8% together. sparsify runs the same GEMM and top-k
-and pays instead for a ReLU pass over all pre-activations, a `[B·k, d]` = 302 MB intermediate
-in its encoder weight gradient and `embedding_bag`'s slow CPU backward. So the fp32 speed-up is
-capped at sparsify_step / (GEMM + top-k), 2-2.5x here, even with zero other overhead; reaching 2x
-needs a cheaper GEMM (choosing the latents with a bf16 GEMM, exact fp32 values and gradients).
+Modes (`MODES`): `fp32`, exact fp32 top-k in both; `fp32+bf16-choice`, hf_deepsae choosing its k
+latents from a bf16 encoder product (`DeepSAEConfig.topk_selection_dtype`) with fp32 values,
+gradients, weights and optimizer, against sparsify in fp32; `bf16`, autocast in both.
+
+What bounds the step (torch.profiler, results/profile_train_step_*.txt): the one dense product,
+the encoder GEMM `[4096, 576] @ [576, 9216]` (43.5 GFLOP), which runs at 90-98% of this machine's
+matmul peak measured in the same run and is ~60% of hf_deepsae's exact fp32 step. Top-k selection
+over the `[4096, 9216]` pre-activations is ~11%; everything sparse (gathering the k values, the
+CSR/SDDMM backward through them, the embedding-bag decode: O(B·k·d)) ~15%; the logged std
+statistic ~2%, fused Adam ~2%. Already removed: `torch.std` over the pre-activations (~20% of the
+step; now row sums and norms), page faults of a fresh 151 MB pre-activation tensor every step
+(~90 ms; now a reused workspace) and foreach Adam (48 ms; now fused). sparsify runs the same GEMM
+and top-k, then pays for a ReLU over all pre-activations, a `[B·k, d]` = 302 MB intermediate in its
+encoder weight gradient and `embedding_bag`'s slow CPU backward. Exact fp32 is thus capped at
+sparsify_step / (GEMM + top-k) ≈ 2.2x even if nothing else cost anything; the bf16 choice halves
+the GEMM and meets 2x, at an identical held-out FVU.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """DeepSAEModel: every architecture's shapes, sparsity, kernels, training signal and checkpoints."""
 
+import copy
 import json
 import os
 import subprocess
@@ -186,6 +187,20 @@ def test_a_bf16_choice_of_latents_gets_the_exact_fp32_gradient():
     for param_name, param in sae.named_parameters():
         torch.testing.assert_close(sparse_grads[param_name], param.grad, rtol=1e-4, atol=1e-6,
                                    msg=f"gradient of {param_name} differs")
+
+
+def test_pre_activation_workspace_is_reused_scratch_memory():
+    sae = make_sae("stacked")
+    stage = sae.stages[0]
+    x, other = torch.randn(16, D_IN), torch.randn(16, D_IN)
+    out = sae(x)
+    kept = out.latent_acts.clone()
+    first_pre_acts = stage.encode(x)[1]
+    assert stage.encode(other)[1].data_ptr() == first_pre_acts.data_ptr()  # same pages each step
+    assert torch.equal(out.latent_acts, kept)  # what forward returns never aliases the workspace
+    clone = copy.deepcopy(sae)
+    assert clone.stages[0].pre_act_workspace._buffer is None
+    torch.testing.assert_close(clone(x).reconstruction, out.reconstruction)
 
 
 def test_sparse_kernels_sum_repeated_indices_like_dense_autograd():
