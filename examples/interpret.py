@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from hf_deepsae import DeepSAEModel
+from hf_deepsae import DeepSAEModel, load_sae
 from hf_deepsae.activations import (
     EMBEDDED_MODEL_NAME,
     load_language_model,
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (InterpretArguments, SamplingConfig, ScoringConfig)
     ).parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sae = DeepSAEModel.from_pretrained(args.sae, subfolder=args.subfolder or "").to(device).eval()
+    sae = load_sae(args.sae, args.subfolder).to(device).eval()
     base_model = args.model_name_or_path or sae.config.base_model_name_or_path
     if base_model is None:
         raise ValueError(f"{args.sae} records no base_model_name_or_path; pass "

@@ -24,15 +24,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from transformers import BatchEncoding, HfArgumentParser, PreTrainedModel, set_seed
 
+import hf_deepsae
 from hf_deepsae import (
     DeepSAEModel,
     add_to_latents,
     clamp_latents,
-    load_saes,
     scale_latents,
     splice,
     zero_latents,
@@ -99,34 +97,15 @@ class SteeringResult:
     texts: dict[str, str]
 
 
-def could_be_hub_id(name: str) -> bool:
-    """Whether the Hub could hold `name` (`name` or `org/name`); absolute paths, for one, can't."""
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def load_sae(path: str, subfolder: str | None) -> DeepSAEModel:
-    """The SAE at `path`: a single SAE, or the one (or `subfolder`) in a folder of SAEs.
-
-    A missing local folder fails at once instead of after the Hub client's retries: the trainer's
-    default output folder is also a valid-looking Hub id.
-    """
-    folder = Path(path)
-    if not folder.exists() and (path == TrainingConfig.output_dir or not could_be_hub_id(path)):
+    """`hf_deepsae.load_sae`, failing at once when the trainer's default folder is missing (a
+    valid-looking Hub id, which the Hub client would otherwise retry for half a minute)."""
+    if path == TrainingConfig.output_dir and not Path(path).exists():
         raise ValueError(
             f"no SAE folder at {path!r}: train one with `accelerate launch examples/train.py` "
             f"(it saves to {TrainingConfig.output_dir}) or pass --sae <SAE folder or Hub id>"
         )
-    if subfolder is None and folder.is_dir() and not (folder / "config.json").is_file():
-        saes = load_saes(folder)
-        if len(saes) > 1:
-            raise ValueError(f"{path} holds {len(saes)} SAEs {sorted(saes)}; pick one with "
-                             f"--subfolder")
-        return next(iter(saes.values()))
-    return DeepSAEModel.from_pretrained(path, subfolder=subfolder or "")
+    return hf_deepsae.load_sae(path, subfolder)
 
 
 def check_latent(latent: int | None, sae: DeepSAEModel) -> None:

@@ -15,7 +15,7 @@ from .evaluation import (
     SAEEvaluator,
     evaluate_saes,
 )
-from .hub import load_saes, push_sae_to_hub, push_saes_to_hub, save_sae, save_saes
+from .hub import load_sae, load_saes, push_sae_to_hub, push_saes_to_hub, save_sae, save_saes
 from .interop import from_saelens, from_sparsify, to_saelens, to_sparsify
 from .modeling_deepsae import DeepSAEModel, DeepSAEOutput, DeepSAEPreTrainedModel, SparseLatents
 from .sites import Site, capture_activations, find_mlp_sites
@@ -63,6 +63,7 @@ __all__ = [
     "zero_latents",
     "from_saelens",
     "from_sparsify",
+    "load_sae",
     "load_saes",
     "push_sae_to_hub",
     "push_saes_to_hub",

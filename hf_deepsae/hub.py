@@ -6,7 +6,7 @@ safetensors weights, an optional feature-density plot and a README rendered from
 `model_cards/sae.md`, all in one commit. `push_saes_to_hub({hookpoint: sae}, repo)` gives each SAE
 its own subfolder, loadable with `AutoModel.from_pretrained(repo, subfolder=hookpoint)` or all at
 once with `load_saes(repo)`, under a repo-level card (`model_cards/sae_collection.md`).
-`save_sae`/`save_saes` write the same folders locally.
+`save_sae`/`save_saes` write the same folders locally; `load_sae` takes one SAE from either layout.
 """
 
 from __future__ import annotations
@@ -167,6 +167,35 @@ def load_saes(
         )
         for name in names
     }
+
+
+def load_sae(path_or_repo: str | Path, subfolder: str | None = None, *,
+             revision: str | None = None, token: str | None = None) -> DeepSAEModel:
+    """One SAE from a folder or Hub repo of either layout: a single SAE, or one per subfolder.
+
+    `subfolder` picks from a collection (`save_saes`, `push_saes_to_hub`, the trainer's output);
+    a local collection of one needs none. A missing path that can't be a repo id fails at once.
+    """
+    local = Path(path_or_repo)
+    if not local.exists() and not _could_be_repo_id(str(path_or_repo)):
+        raise ValueError(f"no SAE folder at {str(path_or_repo)!r} (and it is not a Hub repo id); "
+                         f"pass an SAE folder or a Hub repo id")
+    if subfolder is None and local.is_dir() and not (local / "config.json").is_file():
+        saes = load_saes(local)
+        if len(saes) > 1:
+            raise ValueError(f"{path_or_repo} holds {len(saes)} SAEs {sorted(saes)}; pick one "
+                             f"with subfolder= (--subfolder)")
+        return next(iter(saes.values()))
+    return DeepSAEModel.from_pretrained(str(path_or_repo), subfolder=subfolder or "",
+                                        revision=revision, token=token)
+
+
+def _could_be_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _check_subfolders(saes: Mapping[str, DeepSAEModel]) -> None:

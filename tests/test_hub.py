@@ -20,7 +20,7 @@ from huggingface_hub.errors import (
 from transformers import AutoModel
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
-from hf_deepsae.hub import load_saes, push_sae_to_hub, push_saes_to_hub, save_sae, save_saes
+from hf_deepsae.hub import load_sae, load_saes, push_sae_to_hub, push_saes_to_hub, save_sae, save_saes
 from hf_deepsae.model_card import describe_architecture, sae_card
 
 pytest_plugins = ["hub_server"]
@@ -297,6 +297,29 @@ def test_save_saes_writes_what_load_saes_reads(tmp_path):
         torch.testing.assert_close(outputs(loaded[name]), outputs(sae), rtol=0, atol=0)
     assert (folder / "layers.0.mlp" / "feature_density.png").exists()
     assert "layers.1.mlp" in (folder / "README.md").read_text()
+
+
+def test_load_sae_takes_one_sae_from_either_layout(tmp_path):
+    first, second = make_sae(), make_sae("stacked-relu")
+    save_sae(first, tmp_path / "single")
+    save_saes({"layers.0.mlp": first}, tmp_path / "one")
+    save_saes({"layers.0.mlp": first, "layers.1.mlp": second}, tmp_path / "two")
+    for folder in ("single", "one"):
+        torch.testing.assert_close(outputs(load_sae(tmp_path / folder)), outputs(first))
+    torch.testing.assert_close(outputs(load_sae(tmp_path / "two", "layers.1.mlp")),
+                               outputs(second))
+    with pytest.raises(ValueError, match=r"holds 2 SAEs .*pick one with subfolder="):
+        load_sae(tmp_path / "two")
+    with pytest.raises(ValueError, match="no SAE folder at .*not a Hub repo id"):
+        load_sae(tmp_path / "missing")
+
+
+def test_load_sae_reads_hub_repos_of_either_layout(hub):
+    push_sae_to_hub(make_sae(), "single")
+    push_saes_to_hub({"layers.0.mlp": make_sae("stacked-relu")}, "collection")
+    torch.testing.assert_close(outputs(load_sae(f"{hub.user}/single")), outputs(make_sae()))
+    loaded = load_sae(f"{hub.user}/collection", "layers.0.mlp")
+    torch.testing.assert_close(outputs(loaded), outputs(make_sae("stacked-relu")))
 
 
 def test_save_sae_copies_a_given_plot_image(tmp_path):

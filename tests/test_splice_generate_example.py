@@ -96,7 +96,7 @@ def test_unknown_latent_names_the_valid_range(cli, workspace):
 
 
 def test_missing_sae_folder_is_a_clear_error(cli, workspace):
-    with pytest.raises(ValueError, match="no SAE folder at .*examples/train.py"):
+    with pytest.raises(ValueError, match="no SAE folder at .*missing.*not a Hub repo id"):
         run(cli, workspace, sae="missing")
 
 
