@@ -1,7 +1,7 @@
 """Deep vs shallow SAEs on a real model: FVU, L0, dead latents and CE-loss score at equal tokens.
 
     python benchmarks/study_deep_vs_shallow.py                          # GPU-sized defaults
-    python benchmarks/study_deep_vs_shallow.py --quick --threads 1      # ~30 min on 2 CPU cores
+    python benchmarks/study_deep_vs_shallow.py --quick --threads 1      # ~75 min on 1 CPU core
 
 On SmolLM2-135M-Instruct's layer-6 MLP output (the cached activations; the last 16k tokens held
 out), every SAE trains on the same number of tokens with the project's training recipe (AuxK on
@@ -11,7 +11,8 @@ width scaling per stage, times `MUON_LR_SCALE` for Muon) and is scored by `hf_de
 Sweeps:
 
 - architectures at equal total latents: shallow TopK, MLP-encoder (one dense layer before the
-  sparse one), deep (dense layers on both sides, LayerNorm), stacked residual top-k with 2-5
+  sparse one), deep (dense layers on both sides, LayerNorm) with hidden width d_in or 2·d_in
+  (`deep-2x`), stacked residual top-k with 2-5
   stages (k per stage = round(k / stages), so total L0 matches up to rounding; each stage has
   1/stages of the latents);
 - total L0 (k) in 8, 16, 32, 64; optimizer Adam vs Muon; std-of-pre-activation penalty off/on.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import json
 import math
 import os
 import time
@@ -61,10 +63,15 @@ ARCHITECTURES = {
     "shallow": {},
     "mlp-encoder": {"encoder_hidden": [D_IN]},
     "deep": {"encoder_hidden": [D_IN], "decoder_hidden": [D_IN], "layer_norm": True},
+    "deep-2x": {"encoder_hidden": [2 * D_IN], "decoder_hidden": [2 * D_IN], "layer_norm": True},
     **{f"stacked-{stages}": {"n_stacked": stages} for stages in range(2, 6)},
 }
-QUICK = {"expansion_factor": 4, "batch_size": 1024, "train_tokens": 49_152, "ks": [8, 16, 32, 64],
+QUICK = {"expansion_factor": 4, "batch_size": 1024, "train_tokens": 98_304, "ks": [8, 16, 32, 64],
          "optimizers": ["adam", "muon"], "std_coefficients": [0.0, 0.05], "ce_tokens": 1024}
+RESULTS_NAME = "study_deep_vs_shallow"
+RECIPE_SETTINGS = ("expansion_factor", "batch_size", "train_tokens", "eval_tokens", "seed",
+                   "ce_tokens")
+"""What makes two sweeps' runs comparable; a run's name says the rest (architecture, k, ...)."""
 CE_MODULES = ["argparse", "collections", "contextlib", "dataclasses", "functools", "itertools",
               "json", "logging", "os", "pathlib", "re", "subprocess", "threading", "typing",
               "unittest", "urllib.request", "email", "asyncio", "inspect", "textwrap"]
@@ -172,9 +179,42 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch CPU threads (1 is steadiest on a machine shared with others)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain every SAE instead of reusing finished runs from the JSON")
     if parser.parse_known_args()[0].quick:
         parser.set_defaults(**QUICK)
     return parser.parse_args()
+
+
+def finished_runs(args: argparse.Namespace) -> dict[str, dict]:
+    """`{name: row}` of an earlier run of this sweep with the same recipe (unless `--fresh`).
+
+    Results are written after every SAE, so an interrupted sweep, or the same sweep with more
+    architectures, k or optimizers, trains only what is missing.
+    """
+    path = RESULTS_DIR / f"{RESULTS_NAME}.json"
+    if args.fresh or not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    if any(earlier["settings"].get(key) != getattr(args, key) for key in RECIPE_SETTINGS):
+        return {}
+    return {row["name"]: row for row in earlier["runs"]}
+
+
+def add_ce_loss_scores(rows: list[dict], trained: dict[str, DeepSAEModel], device: str,
+                       tokens: int) -> None:
+    """The CE-loss score of the best run per (architecture, k); earlier runs keep theirs."""
+    best: dict[tuple[str, int], dict] = {}
+    for row in rows:
+        key = (row["architecture"], row["k"])
+        if key not in best or row["fvu"] < best[key]["fvu"]:
+            best[key] = row
+    to_score = {row["name"]: trained[row["name"]] for row in best.values()
+                if row["name"] in trained}
+    scores = ce_loss_scores(to_score, tokens, device) if to_score else {}
+    for row in rows:
+        if row["name"] in trained or "ce_loss_score" not in row:
+            row["ce_loss_score"] = scores.get(row["name"], math.nan)
 
 
 def main() -> None:
@@ -184,14 +224,18 @@ def main() -> None:
     n_total_latents = args.expansion_factor * D_IN
     grid = list(itertools.product(args.architectures, args.ks, args.optimizers,
                                   args.std_coefficients))
+    finished = finished_runs(args)
     print(f"{len(grid)} SAEs x {args.train_tokens} tokens ({train.shape[0]} distinct) on "
-          f"{args.device}; load average {os.getloadavg()}")
+          f"{args.device}; {len(finished)} already trained; load average {os.getloadavg()}")
     rows: list[dict] = []
-    best: dict[tuple[str, int], tuple[dict, DeepSAEModel]] = {}  # kept for the CE-loss score
+    trained: dict[str, DeepSAEModel] = {}  # this invocation's SAEs, for the CE-loss score
     for architecture, k, optimizer, std_coefficient in grid:
+        name = f"{architecture} k={k} {optimizer} std={std_coefficient:g}"
+        if name in finished:
+            rows.append(finished[name])
+            continue
         config = sae_config(architecture, k, n_total_latents, std_coefficient)
         sae, dead_fraction, seconds = train_one(config, optimizer, train, args)
-        name = f"{architecture} k={k} {optimizer} std={std_coefficient:g}"
         row = {"name": name, "architecture": architecture, "k": k, "optimizer": optimizer,
                "std_coefficient": std_coefficient, "n_total_latents": config.n_total_latents,
                "dead_fraction": dead_fraction, "train_s": seconds,
@@ -199,17 +243,14 @@ def main() -> None:
         print(f"{name}: FVU {row['fvu']:.4f} L0 {row['l0']:.1f} dead {dead_fraction:.1%} "
               f"({seconds:.0f} s)", flush=True)
         rows.append(row)
-        if (architecture, k) not in best or row["fvu"] < best[architecture, k][0]["fvu"]:
-            best[architecture, k] = (row, sae)
+        trained[name] = sae
+        write_results(RESULTS_NAME, {"settings": vars(args), "runs": rows})
     if args.ce_tokens:
-        scores = ce_loss_scores({row["name"]: sae for row, sae in best.values()},
-                                args.ce_tokens, args.device)
-        for row in rows:
-            row["ce_loss_score"] = scores.get(row["name"], math.nan)
+        add_ce_loss_scores(rows, trained, args.device, args.ce_tokens)
     print()
     print_table(rows, ["architecture", "k", "optimizer", "std_coefficient", "fvu", "l0",
                        "dead_fraction", "held_out_dead_fraction", "ce_loss_score", "train_s"])
-    write_results("study_deep_vs_shallow", {"settings": vars(args), "runs": rows})
+    write_results(RESULTS_NAME, {"settings": vars(args), "runs": rows})
     plot_frontier(rows, str(RESULTS_DIR / "fvu_vs_l0.png"))
 
 
