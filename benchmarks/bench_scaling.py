@@ -61,6 +61,7 @@ def measure_point(n_latents: int, k: int, batch_size: int, steps: int) -> dict:
     step = make_train_step(sae, build_optimizers(sae, TrainingConfig(optimizer="adam"),
                                                  default_lr(n_latents)))
     step_times = [timed(lambda x=x: step(x)) for x in batches(activations, batch_size, steps + 1)]
+    training_peak_rss = peak_rss_mib()  # before the part timings below allocate their own tensors
     stage, x = sae.stages[0], activations[:batch_size]
     with torch.no_grad():
         pre_acts = stage.encoder(x)
@@ -87,8 +88,8 @@ def measure_point(n_latents: int, k: int, batch_size: int, steps: int) -> dict:
     step_seconds = statistics.median(step_times[1:])  # the first step allocates
     return {"n_latents": n_latents, "k": k, "batch_size": batch_size,
             "median_step_s": step_seconds, "tokens_per_s": batch_size / step_seconds,
-            "peak_rss_mib": peak_rss_mib(),
-            "peak_rss_over_baseline_mib": peak_rss_mib() - baseline, **parts}
+            "peak_rss_mib": training_peak_rss,
+            "peak_rss_over_baseline_mib": training_peak_rss - baseline, **parts}
 
 
 def sweep(points: list[tuple[int, int]], batch_size: int, steps: int) -> list[dict]:

@@ -20,7 +20,14 @@ from huggingface_hub.errors import (
 from transformers import AutoModel
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
-from hf_deepsae.hub import load_sae, load_saes, push_sae_to_hub, push_saes_to_hub, save_sae, save_saes
+from hf_deepsae.hub import (
+    load_sae,
+    load_saes,
+    push_sae_to_hub,
+    push_saes_to_hub,
+    save_sae,
+    save_saes,
+)
 from hf_deepsae.model_card import describe_architecture, sae_card
 
 pytest_plugins = ["hub_server"]
