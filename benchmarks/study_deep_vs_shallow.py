@@ -132,6 +132,16 @@ def ce_loss_scores(saes: dict[str, DeepSAEModel], tokens: int, device: str) -> d
     return {name: metrics.ce_loss_score for name, metrics in result.language_model.items()}
 
 
+def best_runs(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """The lowest-FVU run per (architecture, k): the recipe that represents each cell."""
+    best: dict[tuple[str, int], dict] = {}
+    for row in rows:
+        key = (row["architecture"], row["k"])
+        if key not in best or row["fvu"] < best[key]["fvu"]:
+            best[key] = row
+    return best
+
+
 def plot_frontier(rows: list[dict], path: str) -> None:
     """FVU vs L0: every run as a faint point, the best recipe per (architecture, k) as a line."""
     figure, axis = plt.subplots(figsize=(7, 5))
@@ -142,11 +152,7 @@ def plot_frontier(rows: list[dict], path: str) -> None:
             continue
         axis.scatter([r["l0"] for r in runs], [r["fvu"] for r in runs], color=color, alpha=0.25,
                      s=12)
-        best: dict[int, dict] = {}
-        for run in runs:
-            if run["k"] not in best or run["fvu"] < best[run["k"]]["fvu"]:
-                best[run["k"]] = run
-        line = sorted(best.values(), key=lambda run: run["l0"])
+        line = sorted(best_runs(runs).values(), key=lambda run: run["l0"])
         axis.plot([r["l0"] for r in line], [r["fvu"] for r in line], marker="o", color=color,
                   label=architecture)
     axis.set(xscale="log", xlabel="L0 (active latents per token, held out)",
@@ -204,12 +210,7 @@ def finished_runs(args: argparse.Namespace) -> dict[str, dict]:
 def add_ce_loss_scores(rows: list[dict], trained: dict[str, DeepSAEModel], device: str,
                        tokens: int) -> None:
     """The CE-loss score of the best run per (architecture, k); earlier runs keep theirs."""
-    best: dict[tuple[str, int], dict] = {}
-    for row in rows:
-        key = (row["architecture"], row["k"])
-        if key not in best or row["fvu"] < best[key]["fvu"]:
-            best[key] = row
-    to_score = {row["name"]: trained[row["name"]] for row in best.values()
+    to_score = {row["name"]: trained[row["name"]] for row in best_runs(rows).values()
                 if row["name"] in trained}
     scores = ce_loss_scores(to_score, tokens, device) if to_score else {}
     for row in rows:

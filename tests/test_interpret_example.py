@@ -6,8 +6,7 @@ import pytest
 import torch
 from example_scripts import import_example
 from safetensors.numpy import load_file
-from test_interpret_scoring import judge_tokenizer
-from tiny_models import VOCAB_SIZE, tiny_model
+from tiny_models import VOCAB_SIZE, save_tiny_llama
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
 from hf_deepsae.interpret import LatentCache, split_ranges
@@ -24,8 +23,7 @@ def cli():
 def workspace(tmp_path_factory):
     """A saved tiny llama with a word-level tokenizer, a text file and an SAE on layer 0."""
     root = tmp_path_factory.mktemp("interpret_cli")
-    tiny_model("llama").save_pretrained(root / "model")
-    judge_tokenizer().save_pretrained(root / "model")
+    save_tiny_llama(root / "model")
     words = torch.randint(3, VOCAB_SIZE, (40, 12), generator=torch.Generator().manual_seed(0))
     (root / "corpus.txt").write_text("\n".join(" ".join(f"w{i}" for i in row)
                                                for row in words.tolist()))

@@ -5,11 +5,7 @@ import re
 import pytest
 import torch
 from test_interpret import word_tokenizer
-from tiny_models import tiny_model
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import PreTrainedTokenizerFast
+from tiny_models import judge_tokenizer, tiny_model
 
 from hf_deepsae.interpret import (
     ChatJudge,
@@ -149,13 +145,6 @@ def test_chat_judge_reads_numbered_verdicts_from_any_chat_function():
     assert judge.explain(["<<1>> + 2"]) == "numbers in code"
     assert judge.detect("numbers", ["a", "b", "c", "d", "e"]) == [True, False, True, False, True]
     assert len(requests) == 3 and "1. a" in requests[1][-1]["content"]
-
-
-def judge_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"[UNK]": 0, "Yes": 1, "No": 2} | {f"w{i}": i for i in range(3, 100)}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="No")
 
 
 def test_transformers_judge_batches_detection_exactly_like_single_texts():

@@ -3,8 +3,7 @@
 import pytest
 import torch
 from example_scripts import import_example
-from test_interpret_scoring import judge_tokenizer
-from tiny_models import tiny_model
+from tiny_models import judge_tokenizer, save_tiny_llama, tiny_model
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel, capture_activations
 from hf_deepsae.hub import save_saes
@@ -26,8 +25,7 @@ def workspace(tmp_path_factory):
     `train.py` saves it, in a subfolder named after the hookpoint (`saes/<hookpoint>/`), and next
     to a layer-1 SAE (`two_saes/<hookpoint>/`)."""
     root = tmp_path_factory.mktemp("splice_generate")
-    tiny_model("llama").save_pretrained(root / "model")
-    judge_tokenizer().save_pretrained(root / "model")
+    save_tiny_llama(root / "model")
     torch.manual_seed(0)
     sae = DeepSAEModel(DeepSAEConfig(d_in=32, n_latents=N_LATENTS, k=4, hookpoint=HOOKPOINT,
                                      base_model_name_or_path=str(root / "model")))

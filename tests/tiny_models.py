@@ -12,11 +12,15 @@ import functools
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     T5EncoderModel,
 )
 
@@ -139,3 +143,17 @@ def tiny_input_ids(batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> torc
     """Token ids in [3, VOCAB_SIZE), avoiding the pad/bos/eos ids 0-2."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB_SIZE, (batch_size, seq_len), generator=generator)
+
+
+def judge_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: "Yes" 1, "No" 2 (also EOS), "w<i>" i."""
+    vocab = {"[UNK]": 0, "Yes": 1, "No": 2} | {f"w{i}": i for i in range(3, VOCAB_SIZE)}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="No")
+
+
+def save_tiny_llama(folder: Any) -> None:
+    """The tiny llama with `judge_tokenizer`, saved as a model folder the examples can load."""
+    tiny_model("llama").save_pretrained(folder)
+    judge_tokenizer().save_pretrained(folder)
