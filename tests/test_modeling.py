@@ -279,6 +279,33 @@ def test_transcoder_learns_a_linear_map():
         assert float(sae(data, target=data @ mapping).fvu) < 0.35
 
 
+@pytest.mark.parametrize("name", ["topk", "deep", "stacked", "transcoder", "normalized"])
+def test_latent_directions_are_what_each_latent_adds_to_the_reconstruction(name):
+    sae = make_sae(name, n_stacked=2 if name == "stacked" else 1)
+    with torch.no_grad():
+        sae.output_scale.fill_(1.7)
+        for parameter in sae.parameters():
+            parameter.normal_()
+    n = sae.config.n_total_latents
+    activation = 0.6
+    expected = (sae.decode(torch.eye(n) * activation) - sae.decode(torch.zeros(1, n))) / activation
+    directions = sae.latent_directions(activation=activation)
+    assert directions.shape == (n, sae.config.d_out)
+    torch.testing.assert_close(directions, expected, rtol=1e-4, atol=1e-5)
+    ids = torch.tensor([n - 1, 0, 5])
+    torch.testing.assert_close(sae.latent_directions(ids, activation=activation), directions[ids])
+
+
+def test_latent_directions_of_a_linear_decoder_are_its_rows():
+    sae = make_sae("topk")
+    torch.testing.assert_close(sae.latent_directions(activation=3.0), sae.W_dec.detach())
+
+
+def test_latent_directions_reject_ids_out_of_range():
+    with pytest.raises(ValueError, match=r"latent ids must lie in \[0, 128\), got \[128\]"):
+        make_sae("topk").latent_directions(torch.tensor([3, 128]))
+
+
 def test_linear_decoder_is_initialised_as_unit_norm_encoder_transpose():
     sae = make_sae("topk")
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))

@@ -1,0 +1,77 @@
+"""`hf_deepsae.files`: file errors that name the file, and atomic writes that respect the umask."""
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hf_deepsae.files import (
+    FileFormatError,
+    atomic_write_json,
+    check_tensor,
+    load_safetensors,
+    read_json,
+)
+
+FIX = "delete it and run again"
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (None, "the file does not exist"),
+    ('{"a": 1', "not valid JSON"),
+    ("[1, 2]", "expected a JSON object, found list"),
+    ('{"a": 1}', "missing required keys ['b']"),
+])
+def test_read_json_names_the_file_the_problem_and_the_fix(tmp_path, content, problem):
+    path = tmp_path / "state.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(FileFormatError) as caught:
+        read_json(path, fix=FIX, required=["a", "b"])
+    message = str(caught.value)
+    assert message.startswith(str(path)) and problem in message and message.endswith(FIX)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_read_json_returns_the_object(tmp_path):
+    path = atomic_write_json(tmp_path / "sub" / "state.json", {"b": [1], "a": 2})
+    assert read_json(path, fix=FIX, required=["a", "b"]) == {"a": 2, "b": [1]}
+    assert json.loads(path.read_text()) == {"a": 2, "b": [1]}
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(FileFormatError, match="weights.safetensors: not a readable safetensors"):
+        load_safetensors(path, fix=FIX)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.ones(2)}, str(path))
+    with pytest.raises(FileFormatError, match=r"missing tensors \['b'\] \(it holds \['w'\]\)"):
+        load_safetensors(path, fix=FIX, required=["w", "b"])
+    assert load_safetensors(path, fix=FIX, required=["w"])["w"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(("tensor", "problem"), [
+    (torch.ones(3), "has shape (3,), expected 2 dimensions"),
+    (torch.ones(3, 2, dtype=torch.int64), "has dtype torch.int64, expected a floating-point"),
+])
+def test_check_tensor_rejects_wrong_kinds(tmp_path, tensor, problem):
+    with pytest.raises(FileFormatError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        check_tensor(tmp_path / "w.safetensors", "W_dec", tensor, fix=FIX, ndim=2)
+
+
+def test_atomic_write_respects_the_umask_and_leaves_no_scratch(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        path = atomic_write_json(tmp_path / "state.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
