@@ -431,14 +431,16 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
 
     @torch.no_grad()
     def latent_directions(self, latent_indices: torch.Tensor | None = None, *,
-                          activation: float = 1.0, block_size: int = 4096) -> torch.Tensor:
+                          activation: float | torch.Tensor = 1.0,
+                          block_size: int = 4096) -> torch.Tensor:
         """`[m, d_out]`: what each latent adds to the reconstruction, per unit of activation.
 
         The effective direction `(decode(a·e_i) − decode(0)) / a` of global latent `i` (default:
         every latent), in the activation space the SAE reads (input scaling undone). For a linear
         decoder it is exactly the row `W_dec[i]`, whatever `a`; for a deep decoder it depends on
         the activation `a` it is taken at (1 by default; a latent's typical value is a better
-        choice), so metrics built on it describe the decoder only near that value. Latents of
+        choice), so metrics built on it describe the decoder only near that value. `activation`
+        is one non-zero value for all latents or one per requested latent (`[m]`). Latents of
         stacked stages use their own stage's decoder.
         """
         n_latents = self.config.n_latents
@@ -449,18 +451,25 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         if out_of_range.any():
             raise ValueError(f"latent ids must lie in [0, {self.config.n_total_latents}), got "
                              f"{ids[out_of_range].tolist()[:8]}")
+        activations = torch.as_tensor(activation, dtype=self.dtype, device=self.device)
+        if activations.numel() not in (1, ids.numel()) or (activations == 0).any():
+            raise ValueError(f"activation must be one non-zero value or one per latent "
+                             f"({ids.numel()}), got shape {tuple(activations.shape)} with "
+                             f"{int((activations == 0).sum())} zeros")
+        activations = activations.reshape(-1).expand(ids.numel())
         directions = torch.empty(ids.numel(), self.config.d_out, dtype=self.dtype,
                                  device=self.device)
         for start in range(0, ids.numel(), block_size):
             block = ids[start:start + block_size]
+            block_activations = activations[start:start + block_size]
             for stage_index, stage in enumerate(self.stages):
                 in_stage = torch.div(block, n_latents, rounding_mode="floor") == stage_index
                 if not in_stage.any():
                     continue
                 local = (block[in_stage] - stage_index * n_latents).unsqueeze(-1)
-                values = torch.full(local.shape, activation, dtype=self.dtype, device=self.device)
+                values = block_activations[in_stage].unsqueeze(-1)
                 directions[start:start + block.numel()][in_stage] = (
-                    stage.decode_delta(values, local) / activation)
+                    stage.decode_delta(values, local) / values)
         return directions / self.output_scale
 
     def decode(self, latent_acts: torch.Tensor,
