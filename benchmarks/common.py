@@ -20,7 +20,8 @@ from typing import Any
 
 import psutil
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator
+from safetensors.torch import load_file
 
 from hf_deepsae import DeepSAEModel
 from hf_deepsae.activations import (
@@ -34,7 +35,7 @@ from hf_deepsae.activations import (
 from hf_deepsae.modeling_deepsae import DeepSAEOutput
 from hf_deepsae.training import update_sae
 from hf_deepsae.training.activation_cache import (
-    CachedActivations,
+    cache_folder,
     open_or_build_cache,
     read_cache_info,
 )
@@ -62,19 +63,21 @@ def cached_activations(cache_dir: Path = DEFAULT_CACHE_DIR) -> torch.Tensor:
     """All cached activation rows `[rows, 576]` (float32), building the cache on first use.
 
     The cache holds one pass over the whole corpus (chunks in a seeded random order), so the tail
-    rows used for held-out evaluation come from chunks spread over the corpus.
+    rows used for held-out evaluation come from chunks spread over the corpus. It lives in the
+    folder `hf_deepsae.training.activation_cache` names after these settings under `cache_dir`.
     """
-    folder = Path(cache_dir) / f"smollm2-135m-layer6-mlp-out-ctx{CONTEXT_LENGTH}"
+    metadata = {"model_name_or_path": EMBEDDED_MODEL_NAME, "dataset_name": None,
+                "context_length": CONTEXT_LENGTH}
+    folder = cache_folder(cache_dir, {**metadata, "sites": [HOOKPOINT]})
     if read_cache_info(folder) is None:
         print(f"caching {EMBEDDED_MODEL_NAME} {HOOKPOINT} activations into {folder} ...")
         start = time.perf_counter()
-        metadata = {"model_name_or_path": EMBEDDED_MODEL_NAME, "dataset_name": None,
-                    "context_length": CONTEXT_LENGTH}
-        open_or_build_cache(language_model_source(), folder, metadata, max_rows=MAX_CACHED_TOKENS,
-                            rows_per_shard=16_384, accelerator=PartialState(), seed=0)
+        open_or_build_cache(language_model_source(), cache_dir, metadata,
+                            max_rows=MAX_CACHED_TOKENS, rows_per_shard=16_384,
+                            accelerator=Accelerator(cpu=True), seed=0)
         print(f"cached in {time.perf_counter() - start:.0f} s")
-    cache = CachedActivations(folder, [HOOKPOINT])
-    return torch.cat([cache.next_block()[HOOKPOINT] for _ in cache.shards]).float()
+    shards = sorted(folder.glob("*.safetensors"))
+    return torch.cat([load_file(str(shard))[HOOKPOINT] for shard in shards]).float()
 
 
 def train_eval_split(activations: torch.Tensor, eval_tokens: int, seed: int = 0
