@@ -15,7 +15,9 @@ model-card numbers) and `to_dict()` (everything, JSON-ready):
 - `sparse_probing` (`probing_tasks`): k-sparse probes over latents against probes on the raw
   activations (Gurnee et al. 2023, SAEBench): `probing_activations` once per task and site,
   `evaluate_sparse_probing` per SAE.
-- `autointerp`: explanations and detection/fuzzing scores of sampled latents by a judge.
+- `autointerp`: explanations and detection/fuzzing scores of sampled latents by a judge
+  (import it from `hf_deepsae.evaluation.autointerp`: it builds on `hf_deepsae.interpret`).
+- `suite`: `BenchmarkSuite` runs any of them on many SAEs, building each one's data once.
 - `probes` (logistic regression, k-sparse selection, F1) and `latent_effects` (latents and
   what each contributes to the reconstruction, for every decoder) are their shared parts.
 
@@ -60,8 +62,12 @@ from .sparse_probing import (
     evaluate_sparse_probing,
     probing_activations,
 )
+from .suite import BENCHMARKS, BenchmarkSuite, benchmark_scalars
 
 __all__ = [
+    "BENCHMARKS",
+    "BenchmarkSuite",
+    "benchmark_scalars",
     "AbsorptionConfig",
     "AbsorptionResult",
     "BinaryScores",

@@ -13,12 +13,15 @@ A judge is anything with some of
 `batch_size` numbered texts per request; `OpenAICompatibleChat` (`http_judge.py`) is such a function
 for any OpenAI-compatible server. `TransformersJudge` runs a local causal LM and reads verdicts
 from its Yes/No logits (offline default: SmolLM2-135M-Instruct, which is too small to judge).
+`JudgeConfig` (the `--judge_*` flags of the examples) and `load_judge` pick one.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -201,3 +204,64 @@ class TransformersJudge(ChatJudge):
             yes, no = (last[:, ids].logsumexp(-1) for ids in self.answer_ids)
             verdicts += (yes > no).tolist()
         return verdicts
+
+
+@dataclass
+class JudgeConfig:
+    """Which judge explains and scores latents: a server, or a local causal LM (the default)."""
+
+    judge_model: str | None = field(default=None, metadata={
+        "help": "The judge: the model name on --judge_base_url's server, else a causal LM to "
+                "load (default: the offline SmolLM2-135M-Instruct, too small to judge well)"})
+    judge_base_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible server of the judge, e.g. http://localhost:8000/v1 (vLLM, "
+                "TGI, llama.cpp, `transformers serve`, hosted APIs)"})
+    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "environment variable holding the server's API key (unset: no key)"})
+    judge_cache: str | None = field(default=None, metadata={
+        "help": "SQLite file caching the server's replies, so reruns cost nothing"})
+    judge_max_workers: int = field(default=8, metadata={
+        "help": "latents judged at once (server judges; a local judge runs one at a time)"})
+    judge_batch_size: int = field(default=10, metadata={
+        "help": "texts per detection/fuzzing request to a server judge"})
+    judge_max_new_tokens: int = field(default=40, metadata={
+        "help": "longest explanation the judge may generate, in tokens"})
+    judge_price_per_million_prompt_tokens: float = field(default=0.0, metadata={
+        "help": "for the cost estimate of a server judge"})
+    judge_price_per_million_completion_tokens: float = field(default=0.0, metadata={
+        "help": "for the cost estimate of a server judge"})
+
+    def __post_init__(self) -> None:
+        if self.judge_base_url is not None and not self.judge_model:
+            raise ValueError("--judge_base_url needs --judge_model: the model name the server "
+                             "serves (see its /v1/models)")
+
+    @property
+    def max_workers(self) -> int:
+        return self.judge_max_workers if self.judge_base_url is not None else 1
+
+
+def load_judge(config: JudgeConfig, model: PreTrainedModel | None = None,
+               tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[ChatJudge, str]:
+    """The judge `config` names and a description of it: a `ChatJudge` over an
+    `OpenAICompatibleChat` for a server, else a `TransformersJudge` on `judge_model` (loaded
+    offline-first by `load_language_model`), or on `model` when it is that model already."""
+    if config.judge_base_url is not None:
+        from .http_judge import OpenAICompatibleChat
+
+        chat = OpenAICompatibleChat(
+            config.judge_base_url, config.judge_model,
+            api_key=os.environ.get(config.judge_api_key_env),
+            max_tokens=max(config.judge_max_new_tokens, 8 * config.judge_batch_size),
+            cache_path=config.judge_cache,
+            price_per_million_prompt_tokens=config.judge_price_per_million_prompt_tokens,
+            price_per_million_completion_tokens=config.judge_price_per_million_completion_tokens)
+        return (ChatJudge(chat, config.judge_batch_size),
+                f"{config.judge_model} at {config.judge_base_url}")
+    from ..activations import EMBEDDED_MODEL_NAME, load_language_model
+
+    name = config.judge_model or EMBEDDED_MODEL_NAME
+    if model is None or getattr(model, "name_or_path", None) != name:
+        device = None if model is None else model.device
+        model, tokenizer = load_language_model(name, device=device)
+    return TransformersJudge(model, tokenizer, config.judge_max_new_tokens), f"{name} (local)"
