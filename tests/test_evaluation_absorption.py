@@ -26,9 +26,9 @@ def basis() -> torch.Tensor:
     return torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))[0].T
 
 
-def tied_sae(directions: torch.Tensor) -> DeepSAEModel:
-    """A shallow top-1 SAE whose latents read and write exactly `directions` (unit rows)."""
-    sae = DeepSAEModel(DeepSAEConfig(d_in=D, n_latents=directions.shape[0], k=1)).eval()
+def tied_sae(directions: torch.Tensor, k: int = 1) -> DeepSAEModel:
+    """A shallow top-k SAE whose latents read and write exactly `directions` (unit rows)."""
+    sae = DeepSAEModel(DeepSAEConfig(d_in=D, n_latents=directions.shape[0], k=k)).eval()
     with torch.no_grad():
         stage = sae.stages[0]
         stage.encoder.weight.copy_(directions)
@@ -58,13 +58,14 @@ def letter_data(absorbed: list[int]):
         torch.tensor(is_test), inputs, inputs, (Site("x"), Site("x")))
 
 
-def letter_sae(data, token_latents: int = 0) -> DeepSAEModel:
+def letter_sae(data, token_latents: int = 0, k: int = 1) -> DeepSAEModel:
     """Latents 0-3 are exactly the letter probes' directions; then `token_latents` latents
     `(p_a + v_j)/√2` that win the top-1 choice on the absorbed words; the rest read unused
     directions."""
     rows, probes = basis(), data.probe.directions
-    token = (probes[0] + rows[4:4 + token_latents]) / 2**0.5
-    return tied_sae(torch.cat([probes, token, rows[8:]]))
+    token = probes[0] + rows[4:4 + token_latents]
+    token = token / token.norm(dim=1, keepdim=True)
+    return tied_sae(torch.cat([probes, token, rows[8:]]), k)
 
 
 def test_latents_that_are_the_letter_directions_have_no_absorption_and_f1_one():
