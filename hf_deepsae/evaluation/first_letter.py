@@ -211,9 +211,10 @@ def first_letter_data(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
               for split in (False, True)}
     prompts = []
     for (i, _), test in zip(kept, is_test.tolist(), strict=True):
-        pool = [example for example in splits[test] if example[0] != ids[i]]
-        prompts.append(builder.prompt(ids[i], rng.sample(pool, min(config.n_icl_examples,
-                                                                   len(pool)))))
+        pool = splits[test]
+        drawn = rng.sample(pool, min(config.n_icl_examples + 1, len(pool)))
+        examples = [example for example in drawn if example[0] != ids[i]]
+        prompts.append(builder.prompt(ids[i], examples[:config.n_icl_examples]))
     inputs, targets = _word_activations(model, prompts, sites, config.lm_batch_size)
     return fit_first_letter_probes(
         [words[i] for i, _ in kept], torch.tensor([ids[i] for i, _ in kept]),

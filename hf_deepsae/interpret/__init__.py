@@ -15,7 +15,15 @@ fuzzing) with any `Explainer`/`Detector`/`Fuzzer` (`judges`: `TransformersJudge`
 from .browser import render_browser
 from .cache import LatentCache, build_latent_cache, build_latent_caches, split_ranges
 from .http_judge import JudgeUsage, OpenAICompatibleChat, ResponseCache
-from .judges import ChatJudge, Detector, Explainer, Fuzzer, TransformersJudge
+from .judges import (
+    ChatJudge,
+    Detector,
+    Explainer,
+    Fuzzer,
+    JudgeConfig,
+    TransformersJudge,
+    load_judge,
+)
 from .sampling import (
     ContextWindows,
     Example,
@@ -44,6 +52,7 @@ __all__ = [
     "ChatJudge",
     "ClassificationScores",
     "Fuzzer",
+    "JudgeConfig",
     "JudgeUsage",
     "OpenAICompatibleChat",
     "ResponseCache",
@@ -64,6 +73,7 @@ __all__ = [
     "compute_statistics",
     "decoder_directions",
     "highlighted_text",
+    "load_judge",
     "nearest_latents",
     "plain_text",
     "quantile_bins",
