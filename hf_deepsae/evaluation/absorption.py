@@ -46,7 +46,12 @@ from .latent_effects import (
     linear_encoder_problem,
     sparse_latents,
 )
-from .probes import binary_scores, fit_logistic_regression, top_mean_difference
+from .probes import (
+    binary_scores,
+    fit_logistic_regression,
+    prefix_probes,
+    top_mean_difference,
+)
 
 
 @dataclass
@@ -130,10 +135,13 @@ def _ranked_latents(dense: Tensor, one_hot: Tensor, config: AbsorptionConfig) ->
     return torch.stack(rankings)
 
 
-def _sparse_probe_f1(dense: Tensor, labels: Tensor, is_test: Tensor, columns: Tensor) -> float:
-    features = dense[:, columns]
-    probe = fit_logistic_regression(features[~is_test], labels[~is_test])
-    return binary_scores(probe.predict(features[is_test])[:, 0], labels[is_test]).f1
+def _sparse_probe_f1s(dense: Tensor, labels: Tensor, is_test: Tensor, ranking: Tensor
+                      ) -> list[float]:
+    """Test F1 of the k-sparse probes on the top k of `ranking`, k = 1…len(ranking)."""
+    features = dense[:, ranking]
+    probe = prefix_probes(features[~is_test], labels[~is_test], list(range(1, len(ranking) + 1)))
+    predicted = probe.predict(features[is_test])
+    return [binary_scores(predicted[:, j], labels[is_test]).f1 for j in range(len(ranking))]
 
 
 def _main_latent_count(f1s: list[float], threshold: float) -> int:
@@ -248,8 +256,7 @@ def evaluate_absorption(sae: DeepSAEModel, data: FirstLetterData,
                              f"min_probe_f1 {config.min_probe_f1}")
             continue
         ranking = rankings[letter_index][:config.max_k]
-        record.sparse_probe_f1 = [_sparse_probe_f1(dense, is_letter, data.is_test, ranking[:k])
-                                  for k in range(1, len(ranking) + 1)]
+        record.sparse_probe_f1 = _sparse_probe_f1s(dense, is_letter, data.is_test, ranking)
         n_main = max(_main_latent_count(record.sparse_probe_f1, config.f1_jump_threshold), 1)
         main = columns[ranking[:n_main]]
         record.evaluated = True

@@ -6,8 +6,9 @@ one-vs-rest logistic regression probes full-batch (L-BFGS, or FISTA when an L1 p
 loss non-smooth) on standardised features, so the penalties mean the same for activations of any
 scale and for latents of any magnitude; the returned `LinearProbe` reads the raw features.
 `top_mean_difference` picks the k features whose means differ most between the classes (the
-selection of Gurnee et al. 2023 and SAEBench's sparse probing), and `binary_scores` gives accuracy,
-precision, recall and F1.
+selection of Gurnee et al. 2023 and SAEBench's sparse probing), `prefix_probes` fits the probes
+on the top 1, 2, ... k of them in one batch, and `binary_scores` gives accuracy, precision, recall
+and F1.
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ def top_mean_difference(features: Tensor, positive: Tensor, k: int) -> Tensor:
     return difference.argsort(descending=True, stable=True)[:k]
 
 
+def prefix_probes(features: Tensor, labels: Tensor, ks: list[int], *, l2: float = 1e-3
+                  ) -> LinearProbe:
+    """One probe per k in `ks` reading only the first k columns of `features` `[n, d]` (e.g.
+    features ranked best first), all fitted in one batch: output j is the k = `ks[j]` probe."""
+    mask = torch.arange(features.shape[1]).unsqueeze(0) < torch.tensor(ks).unsqueeze(1)
+    return fit_logistic_regression(features, labels.reshape(-1, 1).expand(-1, len(ks)), l2=l2,
+                                   feature_mask=mask)
+
+
 def _class_weights(targets: Tensor) -> Tensor:
     """`[n, c]` per-row weights making each output's classes count equally (sklearn's balanced)."""
     n_rows = targets.shape[0]
@@ -95,15 +105,15 @@ def _class_weights(targets: Tensor) -> Tensor:
 
 
 def _loss(weight: Tensor, bias: Tensor, features: Tensor, targets: Tensor, row_weights: Tensor,
-          l2: float) -> Tensor:
-    logits = features @ weight.T + bias
+          l2: float, mask: Tensor) -> Tensor:
+    logits = features @ (weight * mask).T + bias
     bce = torch.nn.functional.binary_cross_entropy_with_logits(
         logits, targets.to(logits.dtype), weight=row_weights, reduction="sum")
     return bce / features.shape[0] + 0.5 * l2 * weight.pow(2).sum()
 
 
 def _fit_lbfgs(features: Tensor, targets: Tensor, row_weights: Tensor, l2: float,
-               max_iter: int) -> tuple[Tensor, Tensor]:
+               max_iter: int, mask: Tensor) -> tuple[Tensor, Tensor]:
     weight = torch.zeros(targets.shape[1], features.shape[1], requires_grad=True)
     bias = torch.zeros(targets.shape[1], requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter,
@@ -112,13 +122,13 @@ def _fit_lbfgs(features: Tensor, targets: Tensor, row_weights: Tensor, l2: float
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = _loss(weight, bias, features, targets, row_weights, l2)
+        loss = _loss(weight, bias, features, targets, row_weights, l2, mask)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    return weight.detach() * mask, bias.detach()
 
 
 def _largest_eigenvalue(features: Tensor, iterations: int = 30) -> float:
@@ -134,7 +144,7 @@ def _largest_eigenvalue(features: Tensor, iterations: int = 30) -> float:
 
 
 def _fit_fista(features: Tensor, targets: Tensor, row_weights: Tensor, l1: float, l2: float,
-               max_iter: int) -> tuple[Tensor, Tensor]:
+               max_iter: int, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Accelerated proximal gradient (FISTA) with the step 1/L of the smooth part's curvature."""
     n_rows = features.shape[0]
     step = 1.0 / (0.25 * float(row_weights.max()) * _largest_eigenvalue(features) + l2)
@@ -145,7 +155,7 @@ def _fit_fista(features: Tensor, targets: Tensor, row_weights: Tensor, l1: float
         residual = (torch.sigmoid(features @ point_weight.T + point_bias) - targets.float())
         residual = residual * row_weights / n_rows
         shrunk = point_weight - step * (residual.T @ features + l2 * point_weight)
-        new_weight = shrunk.sign() * (shrunk.abs() - step * l1).clamp_min(0)
+        new_weight = shrunk.sign() * (shrunk.abs() - step * l1).clamp_min(0) * mask
         new_bias = point_bias - step * residual.sum(0)
         t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
         change = float((new_weight - weight).abs().max())
@@ -158,7 +168,8 @@ def _fit_fista(features: Tensor, targets: Tensor, row_weights: Tensor, l1: float
 
 
 def fit_logistic_regression(features: Tensor, targets: Tensor, *, l2: float = 1e-3,
-                            l1: float = 0.0, max_iter: int = 500) -> LinearProbe:
+                            l1: float = 0.0, max_iter: int = 500,
+                            feature_mask: Tensor | None = None) -> LinearProbe:
     """Class-balanced logistic regression probes, one per column of `targets`.
 
     Args:
@@ -168,6 +179,8 @@ def fit_logistic_regression(features: Tensor, targets: Tensor, *, l2: float = 1e
         l2, l1: penalties on the weights of the standardised features (the bias is free); with
             `l1 > 0` the weights are sparse and FISTA replaces L-BFGS.
         max_iter: optimiser iterations.
+        feature_mask: `[c, d]` bool, the features each probe may read (e.g. nested top-k sets,
+            fitted in one batch); the others keep weight 0. Default: all.
 
     Each output's loss is its mean binary cross-entropy with the positive and negative rows
     weighted to count equally (sklearn's `class_weight="balanced"`), plus the penalties.
@@ -183,9 +196,11 @@ def fit_logistic_regression(features: Tensor, targets: Tensor, *, l2: float = 1e
     std = torch.where(std > 1e-8 * (1 + mean.abs()), std, torch.ones_like(std))
     standardised = (features - mean) / std
     row_weights = _class_weights(targets)
+    mask = torch.ones(targets.shape[1], features.shape[1]) if feature_mask is None \
+        else feature_mask.float().cpu().expand(targets.shape[1], features.shape[1])
     if l1 > 0:
-        weight, bias = _fit_fista(standardised, targets, row_weights, l1, l2, max_iter)
+        weight, bias = _fit_fista(standardised, targets, row_weights, l1, l2, max_iter, mask)
     else:
-        weight, bias = _fit_lbfgs(standardised, targets, row_weights, l2, max_iter)
+        weight, bias = _fit_lbfgs(standardised, targets, row_weights, l2, max_iter, mask)
     raw_weight = weight / std
     return LinearProbe(raw_weight, bias - raw_weight @ mean)

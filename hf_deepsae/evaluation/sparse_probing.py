@@ -27,7 +27,12 @@ from transformers import PreTrainedTokenizerBase
 from ..modeling_deepsae import DeepSAEModel
 from ..sites import Site, capture_activations
 from .latent_effects import compact_latents, sparse_latents
-from .probes import binary_scores, fit_logistic_regression, top_mean_difference
+from .probes import (
+    binary_scores,
+    fit_logistic_regression,
+    prefix_probes,
+    top_mean_difference,
+)
 from .probing_tasks import TextClassificationTask
 
 
@@ -211,12 +216,15 @@ def _probe_accuracies(activations: ProbingActivations, features: Tensor,
         positive = activations.labels[rows] == activations.classes.index(name)
         is_test = activations.is_test[rows]
         scores.append(_accuracy(features[rows], positive, is_test, config.probe_l2))
-        for k in config.ks:
-            chosen = top_mean_difference(features[rows][~is_test], positive[~is_test], k)
-            top_k[str(k)].append(_accuracy(features[rows][:, chosen], positive, is_test,
-                                           config.probe_l2))
-            if k == max(config.ks):
-                chosen_features[name] = chosen.tolist()
+        ks = sorted(config.ks)
+        chosen = top_mean_difference(features[rows][~is_test], positive[~is_test], ks[-1])
+        ks = [min(k, len(chosen)) for k in ks]
+        ranked = features[rows][:, chosen]
+        probe = prefix_probes(ranked[~is_test], positive[~is_test], ks, l2=config.probe_l2)
+        predicted = probe.predict(ranked[is_test])
+        for j, k in enumerate(sorted(config.ks)):
+            top_k[str(k)].append(binary_scores(predicted[:, j], positive[is_test]).accuracy)
+        chosen_features[name] = chosen.tolist()
     return scores, top_k, chosen_features
 
 
