@@ -1,6 +1,7 @@
 """Is a deep SAE better, or only lower-FVU? Absorption and sparse probing at equal L0.
 
-    python benchmarks/study_interpretability.py --threads 2          # the README's table
+    python benchmarks/study_interpretability.py --quick --threads 2  # the README's table
+    python benchmarks/study_interpretability.py                      # 4,608 latents, 250k tokens
     python benchmarks/study_interpretability.py --smoke --output_dir /tmp/smoke   # a minute
     python benchmarks/study_interpretability.py --judge_base_url http://localhost:8000/v1 \\
         --judge_model Qwen/Qwen2.5-7B-Instruct                       # adds the auto-interp column
@@ -70,8 +71,10 @@ ARCHITECTURES = ["shallow", "mlp-encoder", "deep-2x", "stacked-4"]
 LABELS = {"shallow": "shallow TopK", "mlp-encoder": "MLP encoder (576)",
           "deep-2x": "deep (1152, LayerNorm)", "stacked-4": "stacked x4"}
 SETTINGS = ("expansion_factor", "batch_size", "train_tokens", "eval_tokens", "seed", "optimizer",
-            "absorption_words", "probing_per_class", "judge_model", "smoke")
+            "absorption_words", "probing_per_class", "judge_model", "smoke", "quick")
 """What makes two runs' rows comparable (a row's name says the architecture and k)."""
+QUICK = {"expansion_factor": 4, "train_tokens": 98_304}
+"""The budget of `study_deep_vs_shallow.py --quick` (2,304 latents, one pass over the corpus)."""
 SMOKE = {"expansion_factor": 1, "batch_size": 256, "train_tokens": 512, "eval_tokens": 512,
          "ks": [8], "absorption_words": 300, "probing_per_class": 8}
 COLUMNS = [
@@ -89,6 +92,8 @@ COLUMNS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"2-CPU-core budget: {QUICK} (explicit flags still win)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"a one-minute check of the whole pipeline: {SMOKE}")
     parser.add_argument("--architectures", nargs="+", default=ARCHITECTURES,
@@ -113,8 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="retrain and rescore every SAE")
-    if parser.parse_known_args(argv)[0].smoke:
-        parser.set_defaults(**SMOKE)
+    known = parser.parse_known_args(argv)[0]
+    if known.quick or known.smoke:
+        parser.set_defaults(**(SMOKE if known.smoke else QUICK))
     return parser.parse_args(argv)
 
 

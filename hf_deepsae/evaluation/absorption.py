@@ -124,9 +124,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _ranked_latents(dense: Tensor, one_hot: Tensor, config: AbsorptionConfig) -> Tensor:
-    """`[n_letters, n_columns]` columns per letter, best first: L1 probe weight, then the mean
-    activation difference (so latents the L1 penalty zeroed still get a sensible order)."""
-    weights = fit_logistic_regression(dense, one_hot, l1=config.sparse_probe_l1).weight
+    """`[n_letters, n_columns]` columns per letter, best first: L1 probe weight per standard
+    deviation of the latent (its weight on standardised latents), then the mean activation
+    difference (so latents the L1 penalty zeroed still get a sensible order)."""
+    probe = fit_logistic_regression(dense, one_hot, l1=config.sparse_probe_l1)
+    weights = probe.weight * dense.std(0)
     rankings = []
     for letter in range(one_hot.shape[1]):
         by_difference = top_mean_difference(dense, one_hot[:, letter], dense.shape[1])
