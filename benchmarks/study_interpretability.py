@@ -20,7 +20,8 @@ interpretability benchmarks on the same model and site:
 
 With `--judge_base_url`, every SAE also gets auto-interp detection and fuzzing scores. Trained SAEs
 are saved under `--work_dir` and every SAE's row is written to the JSON as soon as it is done, so
-an interrupted run (or a wider grid) resumes where it stopped; `--fresh` starts over.
+an interrupted run (or a wider grid) resumes where it stopped; `--rescore` scores the trained SAEs
+again (after a change to the benchmarks), `--fresh` starts over.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="retrain and rescore every SAE")
+    parser.add_argument("--rescore", action="store_true",
+                        help="rescore every SAE, reusing the trained ones in --work_dir")
     known = parser.parse_known_args(argv)[0]
     if known.quick or known.smoke:
         parser.set_defaults(**(SMOKE if known.smoke else QUICK))
@@ -133,7 +136,7 @@ def live_activations(model: torch.nn.Module, tokenizer, n_tokens: int) -> torch.
 
 def finished_rows(args: argparse.Namespace) -> dict[str, dict]:
     path = args.output_dir / f"{RESULTS_NAME}.json"
-    if args.fresh or not path.is_file():
+    if args.fresh or args.rescore or not path.is_file():
         return {}
     earlier = json.loads(path.read_text())
     if any(earlier["settings"].get(key) != getattr(args, key) for key in SETTINGS):

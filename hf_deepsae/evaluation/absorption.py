@@ -8,21 +8,24 @@ On the first-letter task (`first_letter.py`), per letter:
    F1 kept rising by more than `f1_jump_threshold` at every step (more than one: feature
    splitting).
 2. **Absorption**, on held-out words of the letter the ground-truth probe gets right. Each active
-   latent contributes `c_i = decode(a_i·e_i) − decode(0)` (for a linear decoder `a_i·W_dec[i]`,
-   SAEBench's `a_i·cos`; for a deep one the effective direction at that activation) with probe
-   projection `c_i·p` (p the unit probe direction), compared with the activation's own projection
-   `(x − decode(0))·p` — the part the latents must explain (SAEBench projects `x` itself, whose
-   mean would dominate at an MLP output). The *absorption fraction* is the share of the projection
-   carried by up to `max_absorbing_latents` other latents aligned with the probe (cosine ≥
-   `absorption_fraction_cos_threshold`) instead of the main latents; *full absorption* is a word
-   where no main latent fires and the top projecting latent (cosine ≥
-   `full_absorption_cos_threshold`) supplies at least `projection_proportion_threshold` of it.
+   latent carries a share of the reconstruction's probe projection `p·(decode(z) − decode(0))`
+   (p the unit probe direction): `a_i·W_dec[i]·p` for a linear decoder (SAEBench's `a_i·cos` with
+   unit rows), its integrated-gradients share for a deep one (`probe_attributions`: the shares
+   add up to the whole, as a linear decoder's do). Its alignment with the probe is the cosine of
+   its effective direction `decode(a_i·e_i) − decode(0)`. These are compared with the
+   activation's own projection `(x − decode(0))·p` — the part the latents must explain (SAEBench
+   projects `x` itself, whose mean would dominate at an MLP output). The *absorption fraction* is
+   the share carried by up to `max_absorbing_latents` other latents aligned with the probe
+   (cosine ≥ `absorption_fraction_cos_threshold`) instead of the main latents; *full absorption*
+   is a word where no main latent fires and the top latent (cosine ≥
+   `full_absorption_cos_threshold`) carries at least `projection_proportion_threshold` of it.
 
 Means are over the letters whose probe reaches `min_probe_f1`; the others are listed with the
-reason. A deep decoder's contributions need not add up to its reconstruction:
-`contribution_additivity_error` (median over held-out words; 0 for linear decoders) says how far
-they are from it, so its absorption numbers can be read with that in mind. Encoder-probe cosines
-exist only for linear encoders and are marked not applicable otherwise.
+reason. `contribution_additivity_error` (median over held-out words) says how far the latents'
+isolated effects are from adding up to the reconstruction: 0 for linear decoders, large for a
+deep decoder with LayerNorm (one latent alone yields a full-size output) — why shares use
+integrated gradients, not isolated effects. Encoder-probe cosines exist only for linear encoders
+and are marked not applicable otherwise.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from .latent_effects import (
     encoder_directions,
     latent_contributions,
     linear_encoder_problem,
+    probe_attributions,
     sparse_latents,
 )
 from .probes import (
@@ -191,9 +195,9 @@ def _letter_absorption(sae: DeepSAEModel, data: FirstLetterData, letter: int,
     is_letter = data.letters == letter
     true_positive = data.is_test & is_letter & (data.probe.logits(data.targets)[:, letter] > 0)
     rows = true_positive.nonzero()[:, 0]
-    contributions = latent_contributions(sae, values[rows], ids[rows])
-    projections = contributions @ direction
-    cosines = projections / contributions.norm(dim=-1).clamp_min(1e-12)
+    projections = probe_attributions(sae, values[rows], ids[rows], direction.unsqueeze(0))[..., 0]
+    alone = latent_contributions(sae, values[rows], ids[rows])
+    cosines = (alone @ direction) / alone.norm(dim=-1).clamp_min(1e-12)
     activation_projections = (data.targets[rows] - offset) @ direction
     fractions, n_full = [], 0
     for r in range(len(rows)):

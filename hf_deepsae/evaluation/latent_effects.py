@@ -3,11 +3,17 @@
 - `sparse_latents`: an SAE's latents of many rows as `(values, ids)` pairs, whatever its sparsity.
 - `compact_latents`: those pairs as a dense matrix over only the latents that ever fired on the
   rows (dead ones cannot be selected by a probe, and a full `[n, n_latents]` matrix may not fit).
-- `latent_contributions`: what each active latent adds to the reconstruction,
+- `latent_contributions`: what each active latent adds to the reconstruction on its own,
   `decode(a·e_i) − decode(0)`: `a·W_dec[i]` for a linear decoder, the effective direction of
   `DeepSAEModel.latent_directions` taken at the latent's own activation for a deep one, each
-  stage's own decoder for stacked SAEs. A deep decoder's contributions need not add up to its
-  reconstruction; `additivity_error` says by how much they don't.
+  stage's own decoder for stacked SAEs. Use it for a latent's *direction*. A deep decoder's
+  isolated effects need not add up to its reconstruction (with a LayerNorm in the decoder one
+  latent alone yields a full-size output); `additivity_error` says by how much they don't.
+- `probe_attributions`: each active latent's *share* of the reconstruction along given
+  directions, `p·(decode(z) − decode(0))` split over the latents by integrated gradients
+  (Sundararajan et al. 2017) along the straight path from 0 to z: exactly `a·W_dec[i]·p` for a
+  linear decoder, and for a deep one shares that add up to the whole (completeness), so "which
+  latents carry this direction" has an answer for every architecture.
 - `linear_encoder_problem`: why an encoder has no per-latent direction in the activation space
   (hidden layers, or a transcoder reading another site), or None when it has one.
 """
@@ -73,6 +79,37 @@ def latent_contributions(sae: DeepSAEModel, values: Tensor, ids: Tensor,
         directions = sae.latent_directions(flat_ids[block], activation=block_values)
         contributions[block] = (directions * block_values.unsqueeze(1)).float().cpu()
     return contributions.reshape(*values.shape, sae.config.d_out)
+
+
+def probe_attributions(sae: DeepSAEModel, values: Tensor, ids: Tensor, directions: Tensor,
+                       steps: int = 32) -> Tensor:
+    """`[*values.shape, m]`: the share of `directions[m]·(decode(z) − decode(0))` of each (value,
+    id) pair of a row's latents `z`, by integrated gradients (midpoint rule with `steps` points
+    for nonlinear decoders; exact for linear ones). Shares of a row add up to the whole, up to
+    the midpoint rule's error. Float32, on the CPU."""
+    n_latents = sae.config.n_latents
+    directions = directions.float().to(sae.device)
+    values, ids = values.to(sae.device, sae.dtype), ids.to(sae.device)
+    shares = torch.zeros(*values.shape, directions.shape[0], device=sae.device)
+    for index, stage in enumerate(sae.stages):
+        in_stage = (torch.div(ids, n_latents, rounding_mode="floor") == index) & (values != 0)
+        local = torch.where(in_stage, ids - index * n_latents, 0)
+        hidden = stage.W_dec[local].detach() * torch.where(in_stage, values, 0).unsqueeze(-1)
+        if stage.decoder_mlp is None:
+            shares += hidden.float() @ directions.T
+            continue
+        with torch.enable_grad():
+            mean_gradient = torch.zeros(values.shape[0], directions.shape[0], hidden.shape[-1],
+                                        device=sae.device)
+            for step in range(steps):
+                point = ((step + 0.5) / steps * hidden.sum(1)).requires_grad_()
+                along = stage.decoder_mlp(point).float() @ directions.T
+                for m in range(directions.shape[0]):
+                    gradient, = torch.autograd.grad(along[:, m].sum(), point,
+                                                    retain_graph=m + 1 < directions.shape[0])
+                    mean_gradient[:, m] += gradient.float() / steps
+        shares += torch.einsum("nkh,nmh->nkm", hidden.float(), mean_gradient)
+    return (shares / sae.output_scale.float()).cpu()
 
 
 @torch.no_grad()
