@@ -50,6 +50,10 @@ class DeepSAEConfig(PretrainedConfig):
             stages before it left unexplained, reconstructions add up and L0 is their sum.
         transcoder (`bool`, defaults to `False`): read the MLP input and predict the MLP output.
         d_out (`int`, *optional*): output width; only for transcoders (otherwise equals `d_in`).
+        skip_connection (`bool`, defaults to `False`): add a linear skip `W_skip x`
+            (`[d_out, d_in]`, zero-initialised) to a transcoder's output, as in skip transcoders
+            (Paulo et al. 2025; sparsify, circuit-tracer and SAELens hold the same term), so the
+            latents need only explain what a linear map of the input can't. Transcoders only.
         normalize_input (`bool`, defaults to `False`): scale inputs by a stored factor (fitted from
             data with `DeepSAEModel.fit_normalization`) so a loaded SAE applies it by itself.
         k_aux (`int`, *optional*): latents used by the AuxK dead-latent loss. Defaults to
@@ -98,6 +102,7 @@ class DeepSAEConfig(PretrainedConfig):
         n_stacked: int = 1,
         transcoder: bool = False,
         d_out: int | None = None,
+        skip_connection: bool = False,
         normalize_input: bool = False,
         k_aux: int | None = None,
         auxk_coefficient: float = 1 / 32,
@@ -130,6 +135,7 @@ class DeepSAEConfig(PretrainedConfig):
         self.n_stacked = n_stacked
         self.transcoder = transcoder
         self.d_out = d_out if d_out is not None else d_in
+        self.skip_connection = skip_connection
         self.normalize_input = normalize_input
         self.k_aux = k_aux if k_aux is not None else max(1, d_in // 2)
         self.auxk_coefficient = auxk_coefficient
@@ -201,6 +207,12 @@ class DeepSAEConfig(PretrainedConfig):
         if d_out_given and not self.transcoder:
             _fail("d_out", self.d_out,
                   "set transcoder=True to predict a different width, or drop d_out")
+        if not isinstance(self.skip_connection, bool):
+            _fail("skip_connection", self.skip_connection, "use True or False")
+        if self.skip_connection and not self.transcoder:
+            _fail("skip_connection", self.skip_connection,
+                  "a skip connection belongs to transcoders (on an autoencoder W_skip would learn "
+                  "the identity); set transcoder=True or drop it")
         if self.transcoder and self.n_stacked > 1:
             _fail("n_stacked", self.n_stacked, "stacked residual stages need transcoder=False")
         if self.hook_site not in HOOK_SITES:

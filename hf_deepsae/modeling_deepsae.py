@@ -204,6 +204,8 @@ class DeepSAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DeepSAEModel):
             init.ones_(module.input_scale)
             init.ones_(module.output_scale)
+            if module.W_skip is not None:
+                init.zeros_(module.W_skip)  # start as a plain transcoder
 
     @staticmethod
     def _init_stage(stage: SparseStage) -> None:
@@ -267,6 +269,8 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
     def __init__(self, config: DeepSAEConfig) -> None:
         super().__init__(config)
         self.stages = nn.ModuleList(SparseStage(config) for _ in range(config.n_stacked))
+        self.W_skip = (nn.Parameter(torch.empty(config.d_out, config.d_in))
+                       if config.skip_connection else None)
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("output_scale", torch.ones(()))
         self.post_init()
@@ -346,7 +350,7 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         targets = inputs if target is None else self._prepare(
             target, "target", config.d_out, self.output_scale)
         results = self._run_stages(inputs)
-        reconstruction = sum(result.reconstruction for result in results)
+        reconstruction = sum(result.reconstruction for result in results) + self._skip(inputs)
         error = reconstruction - targets
         fvu = error.float().pow(2).sum() / _total_variance(targets)
         aux_loss = self._auxk_loss(results, error.detach(), dead_mask)
@@ -365,6 +369,10 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
             else latents.latent_indices.reshape(*leading_shape, -1),
             fvu=fvu, aux_loss=aux_loss, pre_act_std=pre_act_std, loss=loss,
         )
+
+    def _skip(self, inputs: torch.Tensor) -> torch.Tensor | float:
+        """`W_skip x` of a skip transcoder on scaled `[B, d_in]` inputs; 0 without one."""
+        return 0.0 if self.W_skip is None else inputs.to(self.W_skip.dtype) @ self.W_skip.T
 
     def _auxk_loss(self, results: list[_StageResult], error: torch.Tensor,
                    dead_mask: torch.Tensor | None) -> torch.Tensor:
@@ -463,9 +471,15 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
                     stage.decode_delta(values, local) / activation)
         return directions / self.output_scale
 
-    def decode(self, latent_acts: torch.Tensor,
-               latent_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction `[..., d_out]` from sparse (values, global ids) or dense latents."""
+    def decode(self, latent_acts: torch.Tensor, latent_indices: torch.Tensor | None = None, *,
+               x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction `[..., d_out]` from sparse (values, global ids) or dense latents.
+
+        Args:
+            x: `[..., d_in]` the input the latents were encoded from. A skip transcoder's output is
+                the latents' decoding plus `W_skip x`: pass `x` to get it; without `x` the result
+                is what the latents alone decode to (as `latent_directions` describes them).
+        """
         n_latents = self.config.n_latents
         leading_shape = latent_acts.shape[:-1]
         acts = latent_acts.reshape(-1, latent_acts.shape[-1])
@@ -485,6 +499,9 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         reconstruction = sum(stage.decode(chunk_acts, chunk_indices)
                              for stage, (chunk_acts, chunk_indices) in zip(self.stages, chunks,
                                                                            strict=True))
+        if x is not None and self.W_skip is not None:
+            skip = self._skip(self._prepare(x, "x", self.config.d_in, self.input_scale))
+            reconstruction = reconstruction + skip.reshape(reconstruction.shape)
         return (reconstruction / self.output_scale).reshape(*leading_shape, -1)
 
     @torch.no_grad()

@@ -124,11 +124,11 @@ class SpliceHandle:
             return None
         latents = sae.encode(inputs)
         if binding.edit is None:
-            reconstruction = clean = sae.decode(*latents)
+            reconstruction = clean = sae.decode(*latents, x=inputs)
         else:
             edited = binding.edit(sae.densify(*latents))
-            reconstruction = sae.decode(edited)
-            clean = sae.decode(*latents) if self.mode == "error" else reconstruction
+            reconstruction = sae.decode(edited, x=inputs)
+            clean = sae.decode(*latents, x=inputs) if self.mode == "error" else reconstruction
             latents = SparseLatents(edited, None)
         self._record(binding.key, latents)
         reconstruction = reconstruction.to(target.device, target.dtype).reshape(target.shape)
