@@ -2,12 +2,17 @@
 
 - `sparsify`: EleutherAI sparsify checkpoints (SAEs, transcoders, skip transcoders), both ways.
 - `saelens`: SAELens checkpoints (standard/topk/jumprelu SAEs and transcoders), both ways.
+- `circuit_tracer`: per-layer (skip) transcoder sets for circuit-tracer's attribution graphs.
 
 Linear SAEs convert exactly (every scale and bias convention folded into the weights); what a
 format can't hold (a deep decoder is not a `W_dec`) raises with the alternative.
 """
 
+from .circuit_tracer import from_circuit_tracer, load_circuit_tracer_set, to_circuit_tracer
 from .saelens import from_saelens, to_saelens
 from .sparsify import from_sparsify, to_sparsify
 
-__all__ = ["from_saelens", "from_sparsify", "to_saelens", "to_sparsify"]
+__all__ = [
+    "from_circuit_tracer", "from_saelens", "from_sparsify", "load_circuit_tracer_set",
+    "to_circuit_tracer", "to_saelens", "to_sparsify",
+]
