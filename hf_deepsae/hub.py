@@ -22,8 +22,10 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .evaluation.plots import plot_feature_density
+from .interop import from_saelens, from_sparsify
 from .model_card import DEFAULT_LICENSE, collection_card, sae_card
 from .modeling_deepsae import DeepSAEModel
+from .releases import Release, find_release
 
 DENSITY_PLOT_FILENAME = "feature_density.png"
 
@@ -171,12 +173,18 @@ def load_saes(
 
 def load_sae(path_or_repo: str | Path, subfolder: str | None = None, *,
              revision: str | None = None, token: str | None = None) -> DeepSAEModel:
-    """One SAE from a folder or Hub repo of either layout: a single SAE, or one per subfolder.
+    """One SAE from a folder, a Hub repo of either layout, or a named release.
 
     `subfolder` picks from a collection (`save_saes`, `push_saes_to_hub`, the trainer's output);
-    a local collection of one needs none. A missing path that can't be a repo id fails at once.
+    a local collection of one needs none. For a release registered in `releases.yaml`
+    (`list_releases()`), `load_sae(release, sae_id)` resolves the repo, subfolder, revision and
+    format (sparsify and SAELens releases are converted). A missing path that can't be a repo id
+    fails at once.
     """
     local = Path(path_or_repo)
+    release = None if local.exists() else find_release(str(path_or_repo))
+    if release is not None:
+        return _load_release(release, subfolder, revision=revision, token=token)
     if not local.exists() and not _could_be_repo_id(str(path_or_repo)):
         raise ValueError(f"no SAE folder at {str(path_or_repo)!r} (and it is not a Hub repo id); "
                          f"pass an SAE folder or a Hub repo id")
@@ -187,6 +195,18 @@ def load_sae(path_or_repo: str | Path, subfolder: str | None = None, *,
                              f"with subfolder= (--subfolder)")
         return next(iter(saes.values()))
     return DeepSAEModel.from_pretrained(str(path_or_repo), subfolder=subfolder or "",
+                                        revision=revision, token=token)
+
+
+def _load_release(release: Release, sae_id: str | None, *, revision: str | None,
+                  token: str | None) -> DeepSAEModel:
+    """The SAE `sae_id` of `release`, converted from its format; `revision` overrides the pin."""
+    subfolder, revision = release.subfolder(sae_id), revision or release.revision
+    if release.format == "sparsify":
+        return from_sparsify(release.repo_id, subfolder, revision=revision, token=token)
+    if release.format == "saelens":
+        return from_saelens(release.repo_id, subfolder, revision=revision, token=token)
+    return DeepSAEModel.from_pretrained(release.repo_id, subfolder=subfolder or "",
                                         revision=revision, token=token)
 
 

@@ -360,5 +360,16 @@ def collection_card(saes: Mapping[str, DeepSAEModel], *, repo_id: str,
         summary=f"Sparse autoencoders made with hf_deepsae, one per hookpoint{of}, trained "
                 f"together. Each lives in its own subfolder.",
         rows=rows, repo_id=repo_id, first_subfolder=next(iter(configs)),
-        base_model=bases[0] if bases else "<base model>",
+        base_model=bases[0] if bases else "<base model>", release_name=model_name,
+        sae_ids=release_ids(configs),
     )
+
+
+def release_ids(configs: Mapping[str, DeepSAEConfig]) -> dict[str, str]:
+    """Short SAE ids for a release entry (`layer_6`, `layer_6_transcoder`) -> subfolder.
+
+    Falls back to the subfolder names when layers are unknown or two SAEs share an id.
+    """
+    ids = {(f"layer_{config.layer}" + ("_transcoder" if config.transcoder else "")
+            if config.layer is not None else name): name for name, config in configs.items()}
+    return ids if len(ids) == len(configs) else {name: name for name in configs}
