@@ -239,13 +239,14 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights_on_every_rank(tiny_l
     ({"layers": [0, 1], "optimizer": "adam"}, TINY_SAE),
     ({"hookpoints": ["transformer.h.0.mlp.c_proj"]}, TINY_SAE),
     ({}, {**TINY_SAE, "transcoder": True}),
+    ({}, {**TINY_SAE, "transcoder": True, "skip_connection": True}),
     ({}, {**TINY_SAE, "sparsity": "batchtopk"}),
     ({}, {**TINY_SAE, "sparsity": "jumprelu"}),
     ({}, {**TINY_SAE, "sparsity": "relu", "encoder_hidden": [], "decoder_hidden": []}),
     ({}, {**TINY_SAE, "n_stacked": 2}),
     ({"mixed_precision": "bf16"}, TINY_SAE),
-], ids=["streaming", "accumulation", "two-layers", "hookpoint", "transcoder", "batchtopk",
-        "jumprelu", "relu", "stacked", "bf16"])
+], ids=["streaming", "accumulation", "two-layers", "hookpoint", "transcoder", "skip-transcoder",
+        "batchtopk", "jumprelu", "relu", "stacked", "bf16"])
 def test_every_variant_trains_and_saves(tiny_lm, tmp_path, overrides, sae):
     saes = train(tiny_config(tiny_lm, tmp_path, **overrides), sae)
     for name, trained in saes.items():
@@ -253,6 +254,7 @@ def test_every_variant_trains_and_saves(tiny_lm, tmp_path, overrides, sae):
         assert loaded.config.metrics["fvu"] > 0
         for key, value in loaded.state_dict().items():
             assert torch.equal(value, trained.state_dict()[key].to(value.dtype)), key
+        assert not trained.config.skip_connection or trained.W_skip.any()  # the skip learns
 
 
 def test_a_diverging_run_stops_with_the_offending_steps(tiny_lm, tmp_path):
