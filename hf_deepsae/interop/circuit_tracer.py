@@ -112,6 +112,35 @@ def from_circuit_tracer(path_or_repo: str | Path, subfolder: str | None = None, 
     but the base model's name.
     """
     folder = _local_folder(path_or_repo, subfolder, revision, token)
+    config, files = _read_set(folder)
+    topk_k = {int(layer): k for layer, k in (config.get("topk_k") or {}).items()}
+    return {layer: _load_layer(path, layer, topk_k.get(layer), config.get("model_name"),
+                               str(path_or_repo)) for layer, path in files.items()}
+
+
+def load_circuit_tracer_set(path: str | Path, *, device: str | torch.device = "cpu",
+                            dtype: torch.dtype = torch.float32) -> Any:
+    """circuit-tracer's own `load_transcoder_set` on a local set, with top-k layers made top-k.
+
+    Returns a `circuit_tracer.transcoder.TranscoderSet` for
+    `ReplacementModel.from_pretrained_and_transcoders(model_name, transcoders)`.
+    """
+    from circuit_tracer.transcoder import load_transcoder_set
+
+    config, files = _read_set(Path(path))
+    transcoder_set = load_transcoder_set(
+        {layer: str(file) for layer, file in files.items()}, scan=str(path),
+        device=torch.device(device), dtype=dtype,
+        feature_input_hook=config.get("feature_input_hook", DEFAULT_INPUT_HOOK),
+        feature_output_hook=config.get("feature_output_hook", DEFAULT_OUTPUT_HOOK),
+        lazy_encoder=False, lazy_decoder=False)
+    for layer, k in (config.get("topk_k") or {}).items():
+        transcoder_set[int(layer)].activation_function = TopKActivation(int(k))
+    return transcoder_set
+
+
+def _read_set(folder: Path) -> tuple[dict[str, Any], dict[int, Path]]:
+    """A set's `config.yaml` (empty if absent) and `{layer: layer_<i>.safetensors}`, 0..L-1."""
     config: dict[str, Any] = {}
     if (folder / CONFIG_FILE).is_file():
         try:
@@ -127,33 +156,7 @@ def from_circuit_tracer(path_or_repo: str | Path, subfolder: str | None = None, 
     if sorted(files) != list(range(len(files))):
         raise FileFormatError(folder, f"layers {sorted(files)} have gaps; circuit-tracer needs "
                               f"every layer 0..L-1", _FIX)
-    topk_k = {int(layer): k for layer, k in (config.get("topk_k") or {}).items()}
-    return {layer: _load_layer(path, layer, topk_k.get(layer), config.get("model_name"),
-                               str(path_or_repo)) for layer, path in sorted(files.items())}
-
-
-def load_circuit_tracer_set(path: str | Path, *, device: str | torch.device = "cpu",
-                            dtype: torch.dtype = torch.float32) -> Any:
-    """circuit-tracer's own `load_transcoder_set` on a local set, with top-k layers made top-k.
-
-    Returns a `circuit_tracer.transcoder.TranscoderSet` for
-    `ReplacementModel.from_pretrained_and_transcoders(model_name, transcoders)`.
-    """
-    from circuit_tracer.transcoder import load_transcoder_set
-
-    folder = Path(path)
-    config = yaml.safe_load((folder / CONFIG_FILE).read_text()) if (
-        folder / CONFIG_FILE).is_file() else {}
-    paths = {int(match.group(1)): str(file) for file in folder.glob("layer_*.safetensors")
-             if (match := _LAYER_FILE.fullmatch(file.name))}
-    transcoder_set = load_transcoder_set(
-        paths, scan=str(folder), device=torch.device(device), dtype=dtype,
-        feature_input_hook=config.get("feature_input_hook", DEFAULT_INPUT_HOOK),
-        feature_output_hook=config.get("feature_output_hook", DEFAULT_OUTPUT_HOOK),
-        lazy_encoder=False, lazy_decoder=False)
-    for layer, k in (config.get("topk_k") or {}).items():
-        transcoder_set[int(layer)].activation_function = TopKActivation(int(k))
-    return transcoder_set
+    return config, dict(sorted(files.items()))
 
 
 def _check_transcoder(sae: DeepSAEModel, layer: int, allow_topk: bool) -> None:
