@@ -124,6 +124,7 @@ def test_sets_saved_by_circuit_tracer_load_with_identical_outputs(tmp_path, circ
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # circuit-tracer's own hooks
 def test_attribution_graph_runs_on_an_exported_set(tmp_path, circuit_tracer):
     """circuit-tracer's replacement model on a tiny TransformerLens model computes our latents."""
     import huggingface_hub.constants
