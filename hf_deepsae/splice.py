@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -283,7 +283,8 @@ def splice(model: nn.Module, saes: DeepSAEModel | Mapping[SiteKey, DeepSAEModel 
 def _edit_latents(latent_ids: int | Sequence[int],
                   change: Callable[[torch.Tensor], torch.Tensor]) -> LatentEdit:
     single = isinstance(latent_ids, int) and not isinstance(latent_ids, bool)
-    ids = [latent_ids] if single else list(latent_ids) if isinstance(latent_ids, Sequence) else []
+    iterable = isinstance(latent_ids, Iterable) and not isinstance(latent_ids, str | bytes)
+    ids = [latent_ids] if single else list(latent_ids) if iterable else []
     if not ids or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids):
         raise ValueError(f"latent_ids must be non-negative ints (one, or a non-empty list), got "
                          f"{latent_ids!r}")

@@ -28,6 +28,7 @@ from hf_deepsae import (
     capture_activations,
     clamp_latents,
     evaluate_saes,
+    find_mlp_sites,
     load_sae,
     load_saes,
     save_sae,
@@ -461,6 +462,10 @@ def test_bad_edit_arguments_fail_at_once(make, message):
         make()
 
 
+def test_edit_ids_may_come_as_any_iterable_of_ints():
+    assert zero_latents({1, 2})(torch.ones(1, 4)).tolist() == [[1.0, 0.0, 0.0, 1.0]]
+
+
 @pytest.mark.parametrize(("input_ids", "mask", "message"), [
     (tiny_input_ids().float(), None, "integer tensor of token ids"),
     (tiny_input_ids()[0], None, r"\[batch, seq\], got a torch.int64 tensor of shape \(8,\)"),
@@ -473,7 +478,7 @@ def test_bad_token_batches_fail_before_the_model_runs(input_ids, mask, message, 
 
 
 @pytest.mark.parametrize("call", [lambda: splice("model", {}), lambda: capture_activations(
-    None, tiny_input_ids(), [0])])
+    None, tiny_input_ids(), [0]), lambda: find_mlp_sites({"layers": []})])
 def test_a_model_that_is_no_module_fails(call):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         call()
