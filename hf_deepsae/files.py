@@ -5,10 +5,14 @@ Every file problem (missing, truncated, not JSON, a missing key, a tensor of the
 `KeyError`/`JSONDecodeError`/`SafetensorError` that names no file. Files are written to a temporary
 sibling and renamed into place, so a crash or a full disk never leaves a half-written file where a
 complete one is expected; the result gets the permissions the user's umask gives a new file.
+
+This file is copied next to every saved SAE with `configuration_deepsae.py` (`auto_map`), so it
+imports nothing beyond the standard library, torch and safetensors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -84,6 +88,15 @@ def check_tensor(path: str | Path, name: str, tensor: torch.Tensor, *, fix: str,
         raise FileFormatError(path, f"tensor {name!r} has dtype {tensor.dtype}, expected a "
                               "floating-point dtype", fix)
     return tensor
+
+
+def file_sha256(path: str | Path, block_size: int = 1 << 20) -> str:
+    """The hex SHA-256 digest of the file at `path`, read in blocks (files may be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -21,7 +21,8 @@ from huggingface_hub import CommitInfo, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .evaluation.plots import plot_feature_density
+from .evaluation.plots import check_feature_density, plot_feature_density
+from .files import FileFormatError
 from .interop import from_saelens, from_sparsify
 from .model_card import DEFAULT_LICENSE, collection_card, sae_card
 from .modeling_deepsae import DeepSAEModel
@@ -51,6 +52,8 @@ def save_sae(
         license: the card's license identifier.
     """
     folder = Path(folder)
+    if density_plot is not None:
+        _check_density_plot(density_plot)
     sae.save_pretrained(folder)
     plot_name = None
     if density_plot is not None:
@@ -78,6 +81,11 @@ def save_saes(
     folder = Path(folder)
     _check_subfolders(saes)
     density_plots = density_plots or {}
+    for name, density_plot in density_plots.items():
+        if name not in saes:
+            raise ValueError(f"density_plots[{name!r}] names no SAE; use the keys of saes "
+                             f"{sorted(saes)}")
+        _check_density_plot(density_plot)
     for name, sae in saes.items():
         save_sae(sae, folder / name, repo_id=repo_id or str(folder), subfolder=name,
                  density_plot=density_plots.get(name), license=license)
@@ -285,3 +293,12 @@ def _write_density_plot(density_plot: DensityPlot, path: Path) -> None:
         plot_feature_density(density_plot, path)
     else:
         shutil.copyfile(density_plot, path)
+
+
+def _check_density_plot(density_plot: DensityPlot) -> None:
+    """Before anything is written: densities to draw, or an image that exists."""
+    if isinstance(density_plot, torch.Tensor):
+        check_feature_density(density_plot)
+    elif not Path(density_plot).is_file():
+        raise FileFormatError(density_plot, "the density plot to copy does not exist",
+                              "pass an existing image, or the feature densities as a tensor")

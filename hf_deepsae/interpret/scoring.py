@@ -92,6 +92,8 @@ class ChatJudge:
     """
 
     def __init__(self, chat: ChatFunction, batch_size: int = 10) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive int")
         self.chat, self.batch_size = chat, batch_size
 
     def explain(self, examples: Sequence[str]) -> str:
@@ -210,6 +212,9 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if self.negatives not in ("neighbour", "random"):
             raise ValueError(f"negatives must be 'neighbour' or 'random', got {self.negatives!r}")
+        if not 0 <= self.highlight_threshold <= 1:
+            raise ValueError(f"highlight_threshold={self.highlight_threshold!r} must be a "
+                             f"fraction in [0, 1] of the example's max activation")
 
 
 @dataclass
@@ -245,7 +250,10 @@ def _judge(detector: Detector, explanation: str, texts: list[str],
            generator: torch.Generator) -> list[bool]:
     """Verdicts in the order of `texts`, asked in a seeded shuffled order (no position bias)."""
     order = torch.randperm(len(texts), generator=generator).tolist()
-    shuffled = detector.detect(explanation, [texts[i] for i in order])
+    shuffled = list(detector.detect(explanation, [texts[i] for i in order]))
+    if len(shuffled) != len(texts):
+        raise ValueError(f"{type(detector).__name__}.detect returned {len(shuffled)} verdicts for "
+                         f"{len(texts)} texts; a Detector must return one bool per text")
     verdicts = [False] * len(texts)
     for position, verdict in zip(order, shuffled, strict=True):
         verdicts[position] = bool(verdict)
@@ -271,8 +279,13 @@ def score_latent(examples: LatentExamples, explainer: Explainer, detector: Detec
         return score
 
     def explain(source: list[Example]) -> str:
-        return explainer.explain([highlighted_text(example, tokenizer, config.highlight_threshold)
-                                  for example in source])
+        explanation = explainer.explain([highlighted_text(example, tokenizer,
+                                                          config.highlight_threshold)
+                                         for example in source])
+        if not isinstance(explanation, str):
+            raise TypeError(f"{type(explainer).__name__}.explain must return a str, got "
+                            f"{type(explanation).__name__}")
+        return explanation
 
     generator = torch.Generator().manual_seed(config.shuffle_seed * 1_000_003 + examples.latent)
     negatives = neighbours + randoms
@@ -308,6 +321,11 @@ def score_latents(examples: Iterable[LatentExamples], explainer: Explainer, dete
                   tokenizer: PreTrainedTokenizerBase, statistics: LatentStatistics,
                   config: ScoringConfig | None = None) -> list[LatentScore]:
     """`score_latent` for each latent, with its firing rate from `statistics`."""
+    examples = list(examples)
+    outside = [item.latent for item in examples if not 0 <= item.latent < statistics.n_latents]
+    if outside:
+        raise ValueError(f"latents {outside[:8]} are outside the {statistics.n_latents} latents of "
+                         f"statistics: examples and statistics come from different SAEs")
     return [score_latent(latent_examples, explainer, detector, tokenizer,
                          float(statistics.firing_rate[latent_examples.latent]), config)
             for latent_examples in examples]
