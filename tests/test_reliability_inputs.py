@@ -87,6 +87,8 @@ CONFIG_ATTACKS = {
     "k for relu": ({"sparsity": "relu", "k": -1}, ValueError, "invalid k=-1"),
     "bool as string": ({"transcoder": "False"}, ValueError, "transcoder='False'; it must be True"),
     "layer_norm int": ({"layer_norm": 1}, ValueError, "layer_norm=1"),
+    "skip_connection string": ({"transcoder": True, "skip_connection": "yes"}, ValueError,
+                               "skip_connection='yes'; it must be True or False"),
     "widths not a list": ({"encoder_hidden": 32}, ValueError, r"give a list of widths"),
     "width string": ({"decoder_hidden": ["8"]}, ValueError, "every hidden width"),
     "expansion float": ({"n_latents": None, "expansion_factor": 0.5}, ValueError,
