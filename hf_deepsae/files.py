@@ -9,10 +9,14 @@ complete one is expected; the result gets the permissions the user's umask gives
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +111,76 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, value: Any) -> Path:
     """`atomic_write_text` of `value` as indented, key-sorted JSON."""
     return atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_folders(*paths: str | Path) -> Iterator[list[Path]]:
+    """Write whole folders all or nothing: yields one empty temporary sibling per path.
+
+    When the block ends normally, each temporary folder replaces its path (an existing folder is
+    renamed aside and deleted after the swap); if it raises — a full disk, a kill signal — the
+    temporary folders are deleted and every path keeps its old content. The folders and their
+    files get the permissions the umask gives new ones (whatever mode the writers used).
+    """
+    scratches: list[Path] = []
+    try:
+        for path in map(Path, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp",
+                                            dir=path.parent))
+            os.chmod(scratch, 0o777 & ~current_umask())
+            scratches.append(scratch)
+        yield scratches
+    except BaseException:
+        for scratch in scratches:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    for scratch, path in zip(scratches, map(Path, paths), strict=True):
+        _apply_umask(scratch)
+        replace_folder(scratch, path)
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the files in `folder` the mode a new file gets (writers using `mkstemp` get 0600)."""
+    umask = current_umask()
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, (0o666 | file.stat().st_mode & 0o111) & ~umask)
+
+
+def replace_folder(new: Path, path: Path) -> None:
+    """Put the folder `new` at `path`, deleting what was there (renamed aside first)."""
+    old = None
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(path, old)
+    os.replace(new, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def file_identity(path: str | Path, head_bytes: int = 1 << 20) -> dict[str, Any]:
+    """What identifies a file's version cheaply: size, modification time and a hash of its head.
+
+    Reading only the first MiB keeps this fast for multi-GB weight files, while a rewritten file
+    (new weights, an edited config or tokenizer) changes its modification time, and a file copied
+    over with its old time kept still differs in the header or first values almost surely.
+    """
+    path = Path(path)
+    stat = path.stat()
+    with path.open("rb") as file:
+        head = hashlib.sha256(file.read(head_bytes)).hexdigest()
+    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "head_sha256": head}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's content (read in 1 MiB pieces)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as file:
+        while piece := file.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def current_umask() -> int:
