@@ -106,11 +106,14 @@ def prepare_output_dir(config: TrainingConfig, output_dir: Path, settings: dict[
     """Refuse a mismatched resume or another run's output_dir; then record this run there.
 
     `resumed` is the checkpoint being resumed and its recorded settings. With
-    `--overwrite_output_dir` (and no resume), another run's outputs are deleted first.
+    `--overwrite_output_dir`, another run's outputs are deleted first (unless the run resumes from
+    a checkpoint inside `output_dir`).
     """
     if resumed is not None:
         check_resume(resumed[0], resumed[1], settings)
-    elif not config.overwrite_output_dir:
+    resuming_here = resumed is not None and \
+        resumed[0].resolve().parent == checkpoints_folder(output_dir).resolve()
+    if not resuming_here and not config.overwrite_output_dir:
         found = previous_run_outputs(output_dir, settings)
         if found:
             raise ValueError(
@@ -118,7 +121,7 @@ def prepare_output_dir(config: TrainingConfig, output_dir: Path, settings: dict[
                 "--resume_from_checkpoint latest and its settings, pick another --output_dir, or "
                 "pass --overwrite_output_dir to delete its outputs")
     if accelerator.is_main_process:
-        if resumed is None and config.overwrite_output_dir:
+        if not resuming_here and config.overwrite_output_dir:
             _delete_previous_run(output_dir, settings)
         remove_unfinished_checkpoints(output_dir)
         atomic_write_json(output_dir / RUN_RECORD_FILE, {"run_id": run_id(settings),
