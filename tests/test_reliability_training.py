@@ -28,7 +28,6 @@ import torch
 from accelerate import PartialState
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
-from test_activations import make_tiny_lm, write_corpus
 from test_training_e2e import HOOKPOINT, TINY_SAE, tiny_config
 from transformers import GPT2LMHeadModel
 
@@ -58,24 +57,10 @@ from hf_deepsae.training.run_identity import resume_command
 from hf_deepsae.training.state_files import read_state, write_state
 
 pytest_plugins = ["hub_server"]
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTED = {"checkpointing_steps": 4, "save_total_limit": None}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each `train` here must start like a new process."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    corpus = write_corpus(folder)
-    return make_tiny_lm(folder, corpus), corpus
 
 
 @pytest.fixture(scope="module")
@@ -400,6 +385,15 @@ def test_another_run_in_a_used_output_dir_is_refused_unless_overwritten(tiny_lm,
     assert not (output_dir / "checkpoints").exists()  # the k=4 run's checkpoints are gone
     saved = json.loads((output_dir / HOOKPOINT / "config.json").read_text())
     assert saved["k"] == 8
+
+
+def test_resuming_into_the_output_dir_of_another_run_is_refused(tiny_lm, finished_run,
+                                                               run_copy):
+    output_dir, cache = run_copy
+    edit_json(output_dir / "training_run.json", lambda v: v["settings"].update(k=8))
+    with pytest.raises(ValueError, match="holds the outputs of another run .*k: 8 → 4"):
+        resume(tiny_lm, run_copy,
+               resume_from_checkpoint=str(finished_run[0] / "checkpoints" / "step_8"))
 
 
 def test_the_same_run_again_in_its_output_dir_is_allowed(tiny_lm, run_copy):

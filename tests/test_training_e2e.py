@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
-from test_activations import make_tiny_lm, write_corpus
 from transformers import AutoModel
 
 from hf_deepsae import DeepSAEModel
@@ -28,19 +26,7 @@ HOOKPOINT = "transformer.h.1.mlp.c_proj"
 TINY_SAE = {"expansion_factor": 2, "k": 4, "encoder_hidden": [16], "decoder_hidden": [16]}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each `train` here must start like a new process."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    corpus = write_corpus(folder)
-    return make_tiny_lm(folder, corpus), corpus
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_config(tiny_lm: tuple[Path, Path], output_dir: Path, **overrides) -> TrainingConfig:
