@@ -198,11 +198,18 @@ def dataset_identity(name: str | None = None, *, config_name: str | None = None,
                      data_files: list[str] | None = None) -> dict[str, Any]:
     """What identifies the version of the data `load_text_dataset` reads.
 
-    `datasets`' own builder identity: its config id includes each data file's origin (the
-    modification time of a local file, the commit of a Hub file), so edited files or an updated
-    Hub dataset give a new identity, exactly when `datasets` would re-read them.
+    Local files (the default corpus included) by `files.file_identity` (their content when
+    small), so an edited file gives a new identity and a regenerated or copied one does not; a
+    Hub dataset by `datasets`' builder config id, which holds the commit its files came from.
     """
     path, data_files, builder_kwargs = _dataset_source(name, data_files)
+    files = [Path(file) for file in data_files or []]
+    if os.path.isdir(path) and not files:
+        files = sorted(file for file in Path(path).rglob("*") if file.is_file() and not any(
+            part.startswith(".") for part in file.relative_to(path).parts))
+    if files and all(file.is_file() for file in files):
+        return {"builder": path if not os.path.isdir(path) else "folder",
+                "builder_kwargs": builder_kwargs, "files": [file_identity(f) for f in files]}
     builder = load_dataset_builder(path, config_name, data_files=data_files, **builder_kwargs)
     return {"builder": builder.name, "config_id": builder.config_id, "hash": builder.hash}
 

@@ -159,19 +159,28 @@ def replace_folder(new: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def file_identity(path: str | Path, head_bytes: int = 1 << 20) -> dict[str, Any]:
-    """What identifies a file's version cheaply: size, modification time and a hash of its head.
+def file_identity(path: str | Path, whole_below: int = 1 << 21,
+                  sample_bytes: int = 1 << 16) -> dict[str, Any]:
+    """What identifies a file's version: its content, or cheaply for big files.
 
-    Reading only the first MiB keeps this fast for multi-GB weight files, while a rewritten file
-    (new weights, an edited config or tokenizer) changes its modification time, and a file copied
-    over with its old time kept still differs in the header or first values almost surely.
+    Files up to `whole_below` bytes (configs, tokenizers, text files) are identified by the hash
+    of their content, so a copy or a regenerated file with the same text stays the same. Bigger
+    ones (weights, data shards) by size, modification time and a hash of their first and last
+    `sample_bytes`: reading 128 KiB keeps this fast for thousands of multi-GB files, a rewritten
+    file gets a new time, and one copied over with its old time kept still differs in its header
+    or values.
     """
     path = Path(path)
     stat = path.stat()
+    if stat.st_size <= whole_below:
+        return {"name": path.name, "size": stat.st_size, "sha256": file_sha256(path)}
+    sample = hashlib.sha256()
     with path.open("rb") as file:
-        head = hashlib.sha256(file.read(head_bytes)).hexdigest()
+        sample.update(file.read(sample_bytes))
+        file.seek(-sample_bytes, os.SEEK_END)
+        sample.update(file.read(sample_bytes))
     return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "head_sha256": head}
+            "sampled_sha256": sample.hexdigest()}
 
 
 def file_sha256(path: str | Path) -> str:

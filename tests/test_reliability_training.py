@@ -35,6 +35,7 @@ from hf_deepsae.activations import (
     ActivationStream,
     ModelActivations,
     TokenChunks,
+    dataset_identity,
     language_model_identity,
     load_language_model,
     load_text_dataset,
@@ -440,6 +441,17 @@ def test_an_overwritten_model_folder_gets_a_new_cache_and_refuses_the_old_checkp
     old, new = (load_file(next(folder.glob("build-*/rank00000-000000.safetensors")))
                 for folder in (old_cache, new_cache))
     assert not torch.equal(old[f"{HOOKPOINT}:output"], new[f"{HOOKPOINT}:output"])
+
+
+@pytest.mark.parametrize(("change", "same"), [
+    (lambda path: os.utime(path, ns=(1, 1)), True),
+    (lambda path: path.write_text(path.read_text().replace("the", "teh", 1)), False),
+], ids=["touched-or-regenerated", "edited"])
+def test_the_data_identity_follows_the_text_not_the_file_time(tiny_lm, tmp_path, change, same):
+    corpus = Path(shutil.copy(tiny_lm[1], tmp_path / "corpus.txt"))
+    before = dataset_identity(str(corpus))
+    change(corpus)
+    assert (dataset_identity(str(corpus)) == before) is same
 
 
 def test_a_hub_model_updated_under_the_same_id_gets_a_new_cache(tiny_lm, hub, tmp_path):

@@ -159,13 +159,10 @@ def cache_folder(root: str | Path, metadata: dict[str, Any]) -> Path:
 
 def complete_builds(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
     """`(build folder, its cache_info)` of every complete build in `folder`, largest first."""
-    builds = []
-    for build in sorted(folder.glob(f"{_BUILD_PREFIX}*")):
-        info = read_cache_info(build)
-        if info is not None:
-            read_json(build / CACHE_INFO_FILE, fix=f"{_REBUILD} ({build})",
-                      required=["rows", "full_pass", "build_id"])
-            builds.append((build, info))
+    builds = [(build, read_json(build / CACHE_INFO_FILE, fix=f"{_REBUILD} ({build})",
+                                required=["rows", "full_pass", "build_id"]))
+              for build in sorted(folder.glob(f"{_BUILD_PREFIX}*"))
+              if (build / CACHE_INFO_FILE).is_file()]
     return sorted(builds, key=lambda item: (item[1]["full_pass"], item[1]["rows"]), reverse=True)
 
 
@@ -270,8 +267,9 @@ def _remove_unfinished_builds(folder: Path) -> None:
 
 def _remove_superseded_builds(folder: Path, keep: Path) -> None:
     """Delete the builds smaller than `keep` that no process is reading."""
-    kept = read_cache_info(keep) or {}
-    for build, info in complete_builds(folder):
+    builds = complete_builds(folder)
+    kept = next(info for build, info in builds if build == keep)
+    for build, info in builds:
         if (info["full_pass"], info["rows"]) >= (kept["full_pass"], kept["rows"]):
             continue
         writer = ReadWriteLock(build / "readers.lock", blocking=False, is_singleton=False)
