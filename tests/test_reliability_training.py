@@ -42,7 +42,7 @@ from hf_deepsae.activations import (
     tokenize_and_chunk,
 )
 from hf_deepsae.files import file_sha256
-from hf_deepsae.training import parse_args, train
+from hf_deepsae.training import activation_cache, parse_args, train
 from hf_deepsae.training import trainer as trainer_module
 from hf_deepsae.training.activation_cache import (
     cache_folder,
@@ -242,7 +242,8 @@ def test_training_states_round_trip_exactly_without_pickle(tmp_path):
         "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(3, 2)},
                   7: {"momentum_buffer": torch.randn(2, dtype=torch.bfloat16)}},
         "param_groups": [{"betas": (0.9, 0.999), "lr": 0.1 + 0.2, "params": [0, 7],
-                          "foreach": None, "maximize": False, "name": "adam"}],
+                          "foreach": None, "maximize": False, "name": "adam",
+                          "dtype": torch.bfloat16}],
         "__tensor__": "a key that looks like a tag", "counts": torch.arange(5),
         "odd floats": [float("inf"), float("-inf"), float("nan"), 5e-324],
         "python_rng": random.getstate(),
@@ -539,22 +540,38 @@ def hold_lock_in_another_process(lock_file: Path, seconds: float, read: bool = F
 
 def test_a_second_run_on_a_busy_output_dir_fails_at_once(tiny_lm, tmp_path):
     tmp_path.mkdir(exist_ok=True)
-    holder = hold_lock_in_another_process(tmp_path / ".training.lock", 30)
+    holder = hold_lock_in_another_process(tmp_path / ".training.lock", 300)
     try:
-        start = time.monotonic()
         with pytest.raises(ValueError, match="another training run is using output_dir"):
             train(tiny_config(tiny_lm, tmp_path), TINY_SAE)
-        assert time.monotonic() - start < 10
+        assert not (tmp_path / "checkpoints").exists() and not (tmp_path / HOOKPOINT).exists()
     finally:
         holder.kill()
         holder.wait()
 
 
-def test_a_run_waits_for_another_building_the_same_cache(tiny_lm, run_copy, tmp_path, capsys):
+def test_a_run_waits_for_another_building_the_same_cache(tiny_lm, run_copy, tmp_path, capsys,
+                                                         monkeypatch):
     key_folder = next(run_copy[1].iterdir())
-    holder = hold_lock_in_another_process(key_folder / "build.lock", 2)
-    train(tiny_config(tiny_lm, tmp_path, activation_cache_dir=str(run_copy[1])), TINY_SAE)
-    holder.wait()
+    holder = hold_lock_in_another_process(key_folder / "build.lock", 120)
+    real_acquire, waiting = activation_cache._acquire_announced, threading.Event()
+
+    def acquire_once_the_other_run_is_done(lock, folder):
+        waiting.set()
+        real_acquire(lock, folder)
+
+    def finish_the_other_run():  # it ends 1.5 s after this run started waiting for it
+        waiting.wait()
+        time.sleep(1.5)
+        holder.kill()
+
+    monkeypatch.setattr(activation_cache, "_acquire_announced", acquire_once_the_other_run_is_done)
+    threading.Thread(target=finish_the_other_run, daemon=True).start()
+    try:
+        train(tiny_config(tiny_lm, tmp_path, activation_cache_dir=str(run_copy[1])), TINY_SAE)
+    finally:
+        holder.kill()
+        holder.wait()
     assert "Waiting for another run that is building the activation cache" in \
         capsys.readouterr().out
     assert len(complete_builds(key_folder)) == 1  # reused, not rebuilt
@@ -564,7 +581,7 @@ def test_a_bigger_cache_never_deletes_one_a_run_is_reading(tiny_lm, run_copy, tm
     cache = run_copy[1]
     key_folder = next(cache.iterdir())
     ((small, _),) = complete_builds(key_folder)
-    holder = hold_lock_in_another_process(small / "readers.lock", 60, read=True)
+    holder = hold_lock_in_another_process(small / "readers.lock", 300, read=True)
     try:
         train(tiny_config(tiny_lm, tmp_path / "a", activation_cache_dir=str(cache),
                           total_tokens=64 * 20), TINY_SAE)

@@ -3,12 +3,12 @@
 `torch.save`/`pickle` files (what `accelerator.save_state` writes: `optimizer.bin`,
 `random_states_*.pkl`, `custom_checkpoint_*.pkl`) run code when loaded, and accelerate loads its
 custom checkpoints with `weights_only=False`: a checkpoint folder from anywhere would be a program.
-Here a state — any nesting of dicts, lists and tuples over tensors, numbers, strings, booleans and
-None, which covers `Optimizer.state_dict()`, `LRScheduler.state_dict()`, RNG and data positions —
-is split into `<name>.safetensors` (every tensor, under its path in the nesting) and
-`<name>.json` (the structure, with `{"__tensor__": key}` where a tensor was). Reading it back only
-parses JSON and safetensors; the round trip is exact (JSON floats are written by `repr`, dict
-order is kept).
+Here a state — any nesting of dicts, lists and tuples over tensors, numbers, strings, booleans,
+None and torch dtypes, which covers `Optimizer.state_dict()`, `LRScheduler.state_dict()`, RNG
+and data positions — is split into `<name>.safetensors` (every tensor, under its path in the
+nesting) and `<name>.json` (the structure, with `{"__tensor__": key}` where a tensor was).
+Reading it back only parses JSON and safetensors; the round trip is exact (JSON floats are
+written by `repr`, dict order is kept).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 
 from ..files import FileFormatError, atomic_write_text, load_safetensors, read_json
 
-_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
-_TAGS = (_TENSOR, _TUPLE, _ITEMS)
+_TENSOR, _TUPLE, _ITEMS, _DTYPE = "__tensor__", "__tuple__", "__items__", "__dtype__"
+_TAGS = (_TENSOR, _TUPLE, _ITEMS, _DTYPE)
 
 
 def write_state(folder: str | Path, name: str, state: Any) -> None:
@@ -69,6 +69,8 @@ def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         return {_TENSOR: path}
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if isinstance(value, torch.dtype):
+        return {_DTYPE: str(value).removeprefix("torch.")}
     if isinstance(value, tuple):
         return {_TUPLE: [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]}
     if isinstance(value, list):
@@ -80,7 +82,7 @@ def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
             return {_ITEMS: [[key, _encode(v, f"{path}.{key}", tensors)]
                              for key, v in value.items()]}
     raise TypeError(f"can't store {type(value).__name__} at {path} in a training state: only "
-                    "tensors, numbers, strings, None, lists, tuples and dicts are allowed")
+                    "tensors, dtypes, numbers, strings, None, lists, tuples and dicts are allowed")
 
 
 def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -94,4 +96,9 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return tuple(_decode(v, tensors) for v in value[_TUPLE])
     if set(value) == {_ITEMS}:
         return {key: _decode(v, tensors) for key, v in value[_ITEMS]}
+    if set(value) == {_DTYPE}:
+        dtype = getattr(torch, str(value[_DTYPE]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{value[_DTYPE]!r} is not a torch dtype")
+        return dtype
     return {key: _decode(v, tensors) for key, v in value.items()}
