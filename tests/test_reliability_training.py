@@ -633,7 +633,7 @@ def cli_args(tiny_lm, output_dir: Path, cache: Path) -> list[str]:
     return [
         "--model_name_or_path", str(model_dir), "--dataset_name", str(corpus),
         "--context_length", "16", "--layers", "1", "--batch_size", "64",
-        "--shuffle_buffer_size", "320", "--total_tokens", str(64 * 60), "--eval_tokens", "256",
+        "--shuffle_buffer_size", "320", "--total_tokens", str(64 * 40), "--eval_tokens", "256",
         "--output_dir", str(output_dir), "--log_with", "none", "--checkpointing_steps", "100",
         "--activation_cache_dir", str(cache), "--lr", "0.003", "--seed", "0",
         "--expansion_factor", "2", "--k", "4", "--encoder_hidden", "16", "--decoder_hidden", "16",
@@ -668,7 +668,7 @@ def test_ctrl_c_saves_prints_the_resume_command_and_that_resume_is_bit_identical
     def read_errors():
         for chunk in iter(lambda: run.stderr.read(100), ""):
             errors.append(chunk)
-            if re.search(r"Training SAE:\s+\d+%\|[^|]*\| [2-9]/60", "".join(errors[-3:])):
+            if re.search(r"Training SAE:\s+\d+%\|[^|]*\| [2-9]/40", "".join(errors[-3:])):
                 training.set()
 
     threading.Thread(target=read_errors, daemon=True).start()
@@ -681,11 +681,11 @@ def test_ctrl_c_saves_prints_the_resume_command_and_that_resume_is_bit_identical
     stdout, _ = run.communicate(timeout=120)
     assert run.returncode == 130, "".join(errors)[-2000:]
     assert "Traceback" not in "".join(errors)
-    stopped = re.search(r"Stopped at step (\d+)/60; saved the training state to (\S+)\. "
+    stopped = re.search(r"Stopped at step (\d+)/40; saved the training state to (\S+)\. "
                         r"Resume with:\n  (.*)", stdout)
     assert stopped, stdout
     step, checkpoint, resume_command = int(stopped[1]), Path(stopped[2]), stopped[3]
-    assert 0 < step < 60 and checkpoint == output_dir / "checkpoints" / f"step_{step}"
+    assert 0 < step < 40 and checkpoint == output_dir / "checkpoints" / f"step_{step}"
     assert shlex.split(resume_command)[:2] == ["python", str(REPO / "examples" / "train.py")]
 
     AcceleratorState._reset_state(reset_partial_state=True)
