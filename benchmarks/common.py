@@ -35,8 +35,8 @@ from hf_deepsae.modeling_deepsae import DeepSAEOutput
 from hf_deepsae.training import update_sae
 from hf_deepsae.training.activation_cache import (
     CachedActivations,
+    find_cache,
     open_or_build_cache,
-    read_cache_info,
 )
 from hf_deepsae.training.dead_latents import DeadLatentCounter
 
@@ -64,16 +64,18 @@ def cached_activations(cache_dir: Path = DEFAULT_CACHE_DIR) -> torch.Tensor:
     The cache holds one pass over the whole corpus (chunks in a seeded random order), so the tail
     rows used for held-out evaluation come from chunks spread over the corpus.
     """
-    folder = Path(cache_dir) / f"smollm2-135m-layer6-mlp-out-ctx{CONTEXT_LENGTH}"
-    if read_cache_info(folder) is None:
-        print(f"caching {EMBEDDED_MODEL_NAME} {HOOKPOINT} activations into {folder} ...")
+    metadata = {"model_name_or_path": EMBEDDED_MODEL_NAME, "dataset_name": None,
+                "context_length": CONTEXT_LENGTH}
+    build = find_cache(cache_dir, metadata, [HOOKPOINT], rows=MAX_CACHED_TOKENS)
+    if build is None:
+        print(f"caching {EMBEDDED_MODEL_NAME} {HOOKPOINT} activations into {cache_dir} ...")
         start = time.perf_counter()
-        metadata = {"model_name_or_path": EMBEDDED_MODEL_NAME, "dataset_name": None,
-                    "context_length": CONTEXT_LENGTH}
-        open_or_build_cache(language_model_source(), folder, metadata, max_rows=MAX_CACHED_TOKENS,
-                            rows_per_shard=16_384, accelerator=PartialState(), seed=0)
+        cache = open_or_build_cache(language_model_source(), cache_dir, metadata,
+                                    max_rows=MAX_CACHED_TOKENS, rows_per_shard=16_384,
+                                    accelerator=PartialState(), seed=0)
         print(f"cached in {time.perf_counter() - start:.0f} s")
-    cache = CachedActivations(folder, [HOOKPOINT])
+    else:
+        cache = CachedActivations(build, [HOOKPOINT])
     return torch.cat([cache.next_block()[HOOKPOINT] for _ in cache.shards]).float()
 
 

@@ -17,10 +17,16 @@ On a real machine, point it at any model and dataset, on as many GPUs as you lik
 
 Every flag is a field of `hf_deepsae.training.TrainingConfig` or of `DeepSAEConfig` (see
 `--help`); a YAML/JSON file with the same field names may come first: `train.py run.yaml --lr 1e-3`.
-Resume an interrupted run exactly with `--resume_from_checkpoint latest`.
+Ctrl-C (or SIGTERM) saves the training state at the end of the current step and prints the
+command that resumes it exactly (`--resume_from_checkpoint latest`).
 """
+
+import sys
 
 from hf_deepsae.training import parse_args, train
 
 if __name__ == "__main__":
-    train(*parse_args())
+    try:
+        train(*parse_args())
+    except KeyboardInterrupt:  # the trainer has printed where it stopped and how to resume
+        sys.exit(130)

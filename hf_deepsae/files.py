@@ -12,11 +12,14 @@ imports nothing beyond the standard library, torch and safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,76 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, value: Any) -> Path:
     """`atomic_write_text` of `value` as indented, key-sorted JSON."""
     return atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_folders(*paths: str | Path) -> Iterator[list[Path]]:
+    """Write whole folders all or nothing: yields one empty temporary sibling per path.
+
+    When the block ends normally, each temporary folder replaces its path (an existing folder is
+    renamed aside and deleted after the swap); if it raises — a full disk, a kill signal — the
+    temporary folders are deleted and every path keeps its old content. The folders and their
+    files get the permissions the umask gives new ones (whatever mode the writers used).
+    """
+    scratches: list[Path] = []
+    try:
+        for path in map(Path, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp",
+                                            dir=path.parent))
+            os.chmod(scratch, 0o777 & ~current_umask())
+            scratches.append(scratch)
+        yield scratches
+    except BaseException:
+        for scratch in scratches:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    for scratch, path in zip(scratches, map(Path, paths), strict=True):
+        _apply_umask(scratch)
+        replace_folder(scratch, path)
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the files in `folder` the mode a new file gets (writers using `mkstemp` get 0600)."""
+    umask = current_umask()
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, (0o666 | file.stat().st_mode & 0o111) & ~umask)
+
+
+def replace_folder(new: Path, path: Path) -> None:
+    """Put the folder `new` at `path`, deleting what was there (renamed aside first)."""
+    old = None
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(path, old)
+    os.replace(new, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def file_identity(path: str | Path, whole_below: int = 1 << 21,
+                  sample_bytes: int = 1 << 16) -> dict[str, Any]:
+    """What identifies a file's version: its content, or cheaply for big files.
+
+    Files up to `whole_below` bytes (configs, tokenizers, text files) are identified by the hash
+    of their content, so a copy or a regenerated file with the same text stays the same. Bigger
+    ones (weights, data shards) by size, modification time and a hash of their first and last
+    `sample_bytes`: reading 128 KiB keeps this fast for thousands of multi-GB files, a rewritten
+    file gets a new time, and one copied over with its old time kept still differs in its header
+    or values.
+    """
+    path = Path(path)
+    stat = path.stat()
+    if stat.st_size <= whole_below:
+        return {"name": path.name, "size": stat.st_size, "sha256": file_sha256(path)}
+    sample = hashlib.sha256()
+    with path.open("rb") as file:
+        sample.update(file.read(sample_bytes))
+        file.seek(-sample_bytes, os.SEEK_END)
+        sample.update(file.read(sample_bytes))
+    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sampled_sha256": sample.hexdigest()}
 
 
 def current_umask() -> int:

@@ -11,6 +11,7 @@ once with `load_saes(repo)`, under a repo-level card (`model_cards/sae_collectio
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -22,13 +23,14 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .evaluation.plots import check_feature_density, plot_feature_density
-from .files import FileFormatError
+from .files import FileFormatError, atomic_folders
 from .interop import from_saelens, from_sparsify
 from .model_card import DEFAULT_LICENSE, collection_card, sae_card
 from .modeling_deepsae import DeepSAEModel
 from .releases import Release, find_release
 
 DENSITY_PLOT_FILENAME = "feature_density.png"
+_STAGED_CARD = ".collection-README.md"
 
 DensityPlot = torch.Tensor | str | Path
 
@@ -44,6 +46,9 @@ def save_sae(
 ) -> Path:
     """Write `sae` with its model card (and feature-density plot) to `folder`, ready to upload.
 
+    The folder is written beside `folder` and swapped in whole, so a full disk or a crash leaves
+    the previous content (or nothing), never new files next to old weights.
+
     Args:
         repo_id: where the folder will live on the Hub; the card's code uses it (else the path).
         subfolder: the folder's path inside that repo, for the card's loading code.
@@ -54,15 +59,22 @@ def save_sae(
     folder = Path(folder)
     if density_plot is not None:
         _check_density_plot(density_plot)
+    with atomic_folders(folder) as (scratch,):
+        _write_sae(sae, scratch, repo_id=repo_id or str(folder), subfolder=subfolder,
+                   density_plot=density_plot, license=license)
+    return folder
+
+
+def _write_sae(sae: DeepSAEModel, folder: Path, *, repo_id: str, subfolder: str | None,
+               density_plot: DensityPlot | None, license: str) -> None:
     sae.save_pretrained(folder)
     plot_name = None
     if density_plot is not None:
         _write_density_plot(density_plot, folder / DENSITY_PLOT_FILENAME)
         plot_name = DENSITY_PLOT_FILENAME
-    card = sae_card(sae, repo_id=repo_id or str(folder), subfolder=subfolder,
-                    density_plot=plot_name, license=license)
+    card = sae_card(sae, repo_id=repo_id, subfolder=subfolder, density_plot=plot_name,
+                    license=license)
     card.save(folder / "README.md")
-    return folder
 
 
 def save_saes(
@@ -76,7 +88,9 @@ def save_saes(
     """Write SAEs trained together into one folder: a subfolder per hookpoint and a repo card.
 
     `saes` maps each subfolder name (the hookpoint, e.g. `"model.layers.6.mlp.down_proj"`) to its
-    SAE; `density_plots` optionally maps the same names to what `save_sae` accepts.
+    SAE; `density_plots` optionally maps the same names to what `save_sae` accepts. All subfolders
+    and the card are written beside their places first and swapped in together: a full disk or a
+    crash leaves every SAE as it was.
     """
     folder = Path(folder)
     _check_subfolders(saes)
@@ -86,12 +100,13 @@ def save_saes(
             raise ValueError(f"density_plots[{name!r}] names no SAE; use the keys of saes "
                              f"{sorted(saes)}")
         _check_density_plot(density_plot)
-    for name, sae in saes.items():
-        save_sae(sae, folder / name, repo_id=repo_id or str(folder), subfolder=name,
-                 density_plot=density_plots.get(name), license=license)
-    collection_card(saes, repo_id=repo_id or str(folder), license=license).save(
-        folder / "README.md"
-    )
+    card = collection_card(saes, repo_id=repo_id or str(folder), license=license)
+    with atomic_folders(*(folder / name for name in saes)) as scratches:
+        for (name, sae), scratch in zip(saes.items(), scratches, strict=True):
+            _write_sae(sae, scratch, repo_id=repo_id or str(folder), subfolder=name,
+                       density_plot=density_plots.get(name), license=license)
+        card.save(scratches[0] / _STAGED_CARD)
+    os.replace(folder / next(iter(saes)) / _STAGED_CARD, folder / "README.md")
     return folder
 
 

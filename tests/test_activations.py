@@ -57,13 +57,6 @@ def make_tiny_lm(folder: Path, corpus: Path) -> Path:
     return folder / "tiny-gpt2"
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    corpus = write_corpus(folder)
-    return make_tiny_lm(folder, corpus), corpus
-
-
 def test_default_corpus_is_pythons_documentation_one_file_per_topic():
     from pydoc_data.topics import topics
 

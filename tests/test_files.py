@@ -12,6 +12,7 @@ from hf_deepsae.files import (
     FileFormatError,
     atomic_write_json,
     check_tensor,
+    file_identity,
     load_safetensors,
     read_json,
 )
@@ -75,3 +76,23 @@ def test_atomic_write_respects_the_umask_and_leaves_no_scratch(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+@pytest.mark.parametrize("size", [1000, 3 << 20], ids=["small", "big"])
+def test_file_identity_changes_with_the_content_even_at_the_same_time(tmp_path, size):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * size)
+    before = file_identity(path)
+    stat = path.stat()
+    path.write_bytes(b"a" * (size - 1) + b"b")  # same size, last byte differs, time restored
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_identity(path) != before
+
+
+def test_a_small_file_copied_elsewhere_keeps_its_identity(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text('{"k": 4}')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text('{"k": 4}')
+    assert file_identity(tmp_path / "a" / "config.json") == \
+        file_identity(tmp_path / "b" / "config.json")

@@ -132,10 +132,18 @@ class TrainingConfig:
         "help": "Where checkpoints, logs and the final SAE (one subfolder per hookpoint) go."})
     checkpointing_steps: int = dataclasses.field(default=100, metadata={
         "help": "Save the full training state every N optimizer steps (0 disables)."})
+    checkpointing_minutes: float = dataclasses.field(default=10.0, metadata={
+        "help": "Also save it when this many minutes have passed since the last save (0 "
+                "disables). Ctrl-C or SIGTERM always saves the step reached before stopping."})
     save_total_limit: int | None = dataclasses.field(default=2, metadata={
         "help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: str | None = dataclasses.field(default=None, metadata={
-        "help": "A checkpoint folder, or 'latest' for the newest in output_dir/checkpoints."})
+        "help": "A checkpoint folder, or 'latest' for the newest in output_dir/checkpoints. The "
+                "run's settings must match the checkpoint's, except output, logging and "
+                "checkpointing fields, lr, max_grad_norm and mixed_precision."})
+    overwrite_output_dir: bool = dataclasses.field(default=False, metadata={
+        "help": "Delete the checkpoints, logs and SAEs another run (other settings) left in "
+                "output_dir instead of refusing to start there."})
     log_with: str | None = dataclasses.field(default="tensorboard", metadata={
         "help": "Accelerate tracker(s): tensorboard, wandb, all, or none."})
     logging_steps: int = dataclasses.field(default=10, metadata={
@@ -161,8 +169,10 @@ class TrainingConfig:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be positive")
-        if self.checkpointing_steps < 0 or self.max_grad_norm < 0:
-            raise ValueError("checkpointing_steps and max_grad_norm must be >= 0 (0 disables)")
+        if self.checkpointing_steps < 0 or self.checkpointing_minutes < 0 \
+                or self.max_grad_norm < 0:
+            raise ValueError("checkpointing_steps, checkpointing_minutes and max_grad_norm must "
+                             "be >= 0 (0 disables)")
         for name in ("log_with", "activation_cache_dir", "resume_from_checkpoint"):
             if getattr(self, name) in ("none", "None", ""):
                 setattr(self, name, None)  # a way to switch a default off from the CLI

@@ -13,7 +13,7 @@ class DeadLatentCounter:
     `update` takes an optional `reduce` (e.g. `accelerator.reduce`) that sums the local "fired"
     indicators over processes, so every process holds the same counts and the same `dead_mask`
     (which the AuxK loss needs identical on all ranks). The counts are checkpointed through
-    `state_dict` (`accelerator.register_for_checkpointing`).
+    `state_dict` (by `training.checkpointing`, as safetensors).
     """
 
     def __init__(self, n_latents: int, threshold: int, device: str | torch.device = "cpu") -> None:

@@ -1,4 +1,4 @@
-"""The canonical Accelerate loop: build → `prepare` → stream → step → log → `save_state` → save.
+"""The canonical Accelerate loop: build → `prepare` → stream → step → log → checkpoint → save.
 
 One SAE (with its own optimizers, schedulers and dead-latent counter) per hookpoint, all fed by
 the same forward pass of the frozen language model, which is never wrapped by `prepare`. DDP
@@ -6,12 +6,19 @@ across processes, CPU or GPU: each process reads its own shard of the corpus, gr
 dead-latent counters are all-reduced, so every process holds the same SAEs.
 
 NaN policy: activation rows holding NaN/inf are dropped before training and counted
-(`nonfinite_rows` in the logs and the saved metrics); a non-finite *loss* stops the run with the
-offending steps, since the weights are then already ruined.
+(`nonfinite_rows` in the logs and the saved metrics); a non-finite loss (checked at log steps) or
+training state (checked before every checkpoint) stops the run with the offending steps, the last
+finite checkpoint and the command that resumes it with a lower learning rate.
+
+Checkpoints (`checkpointing`) hold only safetensors and JSON, are written atomically every
+`checkpointing_steps`, every `checkpointing_minutes` and on Ctrl-C/SIGTERM, and record the run's
+identity (`run_identity`): resuming with other settings, or a second run in a used `output_dir`,
+fails with what differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,8 +30,6 @@ from typing import Any, NamedTuple
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from datasets import Dataset
-from datasets.distributed import split_dataset_by_node
 from huggingface_hub import get_token
 from tqdm.auto import tqdm
 
@@ -41,11 +46,21 @@ from ..evaluation import ActivationMetrics, ActivationMetricsResult
 from ..hub import push_saes_to_hub, save_saes
 from ..modeling_deepsae import DeepSAEModel
 from ..sites import Site, capture_activations, find_mlp_sites, resolve_sites
-from .activation_cache import open_or_build_cache
-from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
+from .activation_cache import CachedActivations
+from .checkpointing import (
+    NonFiniteStateError,
+    find_checkpoint,
+    load_checkpoint,
+    open_checkpoint,
+    read_data_state,
+    save_checkpoint,
+)
 from .config import TrainingConfig, sae_config_kwargs
+from .data import activation_source, activations_identity, split_chunks
 from .dead_latents import DeadLatentCounter
+from .interruption import StopRequests, TrainingInterrupted, agreed_flags
 from .optim import build_optimizers, build_scheduler, std_coefficient_at, update_sae
+from .run_identity import RunPosition, hold_output_dir, prepare_output_dir, run_settings
 
 
 class Target(NamedTuple):
@@ -116,24 +131,6 @@ def _check_early(config: TrainingConfig, sae_kwargs: dict[str, Any]) -> None:
         raise ValueError("--push_to_hub needs a Hub login: run `hf auth login` or set HF_TOKEN")
 
 
-def _split_chunks(chunks: Any, config: TrainingConfig, accelerator: Accelerator) -> tuple[Any, Any]:
-    """(this process's training chunks, the held-out evaluation chunks)."""
-    n_eval = math.ceil(config.eval_tokens / config.context_length)
-    if isinstance(chunks, Dataset):
-        if len(chunks) < n_eval + accelerator.num_processes:
-            raise ValueError(
-                f"the corpus has {len(chunks)} chunks of {config.context_length} tokens: too few "
-                f"for {n_eval} held-out chunks (--eval_tokens) plus one per process; use more "
-                "text or lower --eval_tokens/--context_length")
-        eval_chunks, train_chunks = chunks.select(range(n_eval)), chunks.select(
-            range(n_eval, len(chunks)))
-    else:
-        eval_chunks, train_chunks = chunks.take(n_eval), chunks.skip(n_eval)
-    shard = split_dataset_by_node(train_chunks, accelerator.process_index,
-                                  accelerator.num_processes)
-    return shard, eval_chunks
-
-
 def resolve_targets(model: Any, config: TrainingConfig, transcoder: bool) -> list[Target]:
     """One `Target` per entry of `--hookpoints` (or else `--layers`); raises on bad ones."""
     keys: list[int | str] = list(config.hookpoints or config.layers)
@@ -183,26 +180,8 @@ def _build_runs(model: Any, tokenizer: Any, stream: ActivationStream, config: Tr
         schedulers = [build_scheduler(optimizer, config, num_steps) for optimizer in optimizers]
         run.sae, *prepared = accelerator.prepare(sae, *optimizers, *schedulers)
         run.optimizers, run.schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
-        accelerator.register_for_checkpointing(run.dead)
         runs.append(run)
     return runs, first_batch
-
-
-def _activation_source(model: Any, targets: list[Target], shard: Any, config: TrainingConfig,
-                       accelerator: Accelerator) -> Any:
-    """Activations from the model, or from the on-disk cache (built on first use)."""
-    chunks = TokenChunks(shard, config.lm_batch_size, config.seed)
-    source = ModelActivations(model, capture_sites(targets), chunks)
-    if config.activation_cache_dir is None:
-        return source
-    metadata = {name: getattr(config, name) for name in (
-        "model_name_or_path", "lm_dtype", "dataset_name", "dataset_config_name", "data_files",
-        "dataset_split", "text_column", "streaming", "context_length", "eval_tokens")}
-    return open_or_build_cache(
-        source, config.activation_cache_dir, metadata,
-        max_rows=math.ceil(config.total_tokens / accelerator.num_processes),
-        rows_per_shard=max(config.batch_size, config.shuffle_buffer_size // 4),
-        accelerator=accelerator, seed=config.seed)
 
 
 METRICS = ("loss", "fvu", "l0", "aux_loss", "pre_act_std")
@@ -232,10 +211,9 @@ def _log(runs: list[SAERun], sums: dict[str, torch.Tensor], window_steps: int, s
     for run in runs:
         means = (accelerator.reduce(sums[run.name], "mean") / window_steps).tolist()
         if not all(math.isfinite(value) for value in means):
-            raise RuntimeError(
-                f"{run.name}: the loss became non-finite between steps {step - window_steps} and "
-                f"{step} ({dict(zip(METRICS, means, strict=True))}); lower --lr or "
-                "--max_grad_norm, or use --mixed_precision no")
+            values = ", ".join(f"{name} {value:.4g}"
+                               for name, value in zip(METRICS, means, strict=True))
+            raise NonFiniteStateError(step, [f"{run.name}: the loss ({values})"])
         prefix = run.log_prefix
         logs.update({f"{prefix}/{name}": value for name, value in zip(METRICS, means, strict=True)})
         logs[f"{prefix}/dead_fraction"] = run.dead.dead_fraction()
@@ -280,6 +258,10 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
     training config and held-out metrics in `config.metrics`, and prints where and how good.
     `sae_arguments` is an `SAEArguments`, a dict of overrides of `DEFAULT_SAE_RECIPE`, or None.
     Works unchanged under `accelerate launch` (DDP, CPU or GPU) and plain `python`.
+
+    Ctrl-C or SIGTERM saves a checkpoint at the end of the current step, prints the resume
+    command and raises `TrainingInterrupted` (a `KeyboardInterrupt`); a run whose weights become
+    non-finite raises `RuntimeError` and keeps its last finite checkpoints.
     """
     sae_kwargs = sae_config_kwargs(sae_arguments)
     _check_early(config, sae_kwargs)
@@ -288,15 +270,34 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
         project_dir=config.output_dir, step_scheduler_with_optimizer=False,
         gradient_accumulation_steps=config.gradient_accumulation_steps)
     output_dir = check_output_dir(config.output_dir)
-    checkpoint = (find_checkpoint(output_dir, config.resume_from_checkpoint)
-                  if config.resume_from_checkpoint else None)
     tokens_per_step = config.batch_size * config.gradient_accumulation_steps * \
         accelerator.num_processes
     num_steps = config.total_tokens // tokens_per_step
     if num_steps == 0:
         raise ValueError(f"total_tokens={config.total_tokens} is less than one step "
                          f"({tokens_per_step} tokens over {accelerator.num_processes} processes)")
+    with contextlib.ExitStack() as cleanup:
+        hold_output_dir(output_dir, accelerator, cleanup)
+        checkpoint = (find_checkpoint(output_dir, config.resume_from_checkpoint)
+                      if config.resume_from_checkpoint else None)
+        recorded = open_checkpoint(checkpoint) if checkpoint is not None else None
+        position = RunPosition(config, sae_kwargs, accelerator, output_dir, num_steps,
+                               step=recorded["step"] if recorded else 0)
+        try:
+            return _train(config, sae_kwargs, accelerator, checkpoint, recorded, position,
+                          cleanup)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            accelerator.print(position.stopped_message(saved=None))
+            raise TrainingInterrupted(position.step, position.newest_checkpoint()) from None
 
+
+def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Accelerator,
+           checkpoint: Path | None, recorded: dict[str, Any] | None, position: RunPosition,
+           cleanup: contextlib.ExitStack) -> dict[str, DeepSAEModel]:
+    """Everything after the output folder is locked: data, model, SAEs, loop, final save."""
+    num_steps, output_dir = position.num_steps, position.output_dir
     with accelerator.main_process_first():
         dataset = load_text_dataset(
             config.dataset_name, config_name=config.dataset_config_name,
@@ -305,55 +306,98 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
     model, tokenizer = load_language_model(config.model_name_or_path, dtype=config.lm_dtype,
                                            device=accelerator.device)
     targets = resolve_targets(model, config, sae_kwargs["transcoder"])
+    sites = capture_sites(targets)
+    with accelerator.main_process_first():
+        identity = activations_identity(model, config, list(sites))
+    position.settings = run_settings(config, sae_kwargs, num_processes=accelerator.num_processes,
+                                     activations=identity)
+    prepare_output_dir(config, output_dir, position.settings, accelerator,
+                       resumed=None if checkpoint is None else (checkpoint,
+                                                                recorded["run_settings"]))
     with accelerator.main_process_first():
         chunks = tokenize_and_chunk(dataset, tokenizer, config.context_length, config.text_column)
-    shard, eval_chunks = _split_chunks(chunks, config, accelerator)
-    stream = ActivationStream(_activation_source(model, targets, shard, config, accelerator),
-                              config.batch_size, config.shuffle_buffer_size, seed=config.seed,
-                              device=accelerator.device)
+    shard, eval_chunks = split_chunks(chunks, config, accelerator)
+    build_id = None
+    if checkpoint is not None and config.activation_cache_dir is not None:
+        build_id = read_data_state(checkpoint, accelerator.process_index)["source"].get(
+            "build_id")
+    source = activation_source(model, sites, shard, config, accelerator, identity, build_id)
+    if isinstance(source, CachedActivations):
+        cleanup.callback(source.close)
+    stream = ActivationStream(source, config.batch_size, config.shuffle_buffer_size,
+                              seed=config.seed, device=accelerator.device)
     runs, pending = _build_runs(model, tokenizer, stream, config, sae_kwargs, targets,
                                 num_steps, accelerator, resuming=checkpoint is not None)
-    step = 0
+    position.learning_rate = config.resolved_lr(
+        accelerator.unwrap_model(runs[0].sae).config.n_latents)
     if checkpoint is not None:
-        step, data_state = load_checkpoint(accelerator, checkpoint)
+        position.step, data_state = load_checkpoint(accelerator, checkpoint, runs,
+                                                    recorded)
         stream.load_state_dict(data_state)
-        accelerator.print(f"Resumed from {checkpoint} at step {step}/{num_steps}")
+        accelerator.print(f"Resumed from {checkpoint} at step {position.step}/{num_steps}")
     accelerator.init_trackers("logs", config=_tracker_config(config, sae_kwargs))
+    try:
+        _training_loop(runs, stream, pending, config, accelerator, position)
+    except NonFiniteStateError as error:
+        raise RuntimeError(position.diverged_message(error)) from None
+    return _finish(runs, model, eval_chunks, stream, config, num_steps, accelerator, output_dir)
 
+
+def _training_loop(runs: list[SAERun], stream: ActivationStream,
+                   pending: dict[str, torch.Tensor] | None, config: TrainingConfig,
+                   accelerator: Accelerator, position: RunPosition) -> None:
+    """Step until `num_steps`, logging and checkpointing (by steps, by time, on a signal)."""
+    num_steps, step = position.num_steps, position.step
+    tokens_per_step = config.batch_size * config.gradient_accumulation_steps * \
+        accelerator.num_processes
     progress = tqdm(total=num_steps, initial=step, desc="Training SAE", unit="step",
                     disable=not accelerator.is_main_process)
     sums: dict[str, torch.Tensor] = {run.name: torch.zeros(len(METRICS)) for run in runs}
     window_steps, window_start = 0, time.perf_counter()
-    while step < num_steps:
-        for _ in range(config.gradient_accumulation_steps):
-            batch = pending if pending is not None else next(stream)
-            pending = None
-            with accelerator.accumulate(*[run.sae for run in runs]):
-                for run in runs:
-                    coefficient = std_coefficient_at(
-                        accelerator.unwrap_model(run.sae).config.std_coefficient,
-                        config.std_coefficient_schedule, step, num_steps)
-                    metrics = _train_step(run, batch, config, accelerator, coefficient)
-                    sums[run.name] = sums[run.name].to(metrics.device) + metrics \
-                        / config.gradient_accumulation_steps
-        step += 1
-        window_steps += 1
-        progress.update(1)
-        if step % config.logging_steps == 0 or step == num_steps:
-            logs = _log(runs, sums, window_steps, step, stream, accelerator)
-            speed = window_steps * tokens_per_step / (time.perf_counter() - window_start)
-            first = runs[0].log_prefix
-            progress.set_postfix({"tok/s": f"{speed:,.0f}", "fvu": f"{logs[f'{first}/fvu']:.3f}",
-                                  "l0": f"{logs[f'{first}/l0']:.1f}",
-                                  "dead": f"{logs[f'{first}/dead_fraction']:.1%}"})
-            sums = {name: torch.zeros_like(total) for name, total in sums.items()}
-            window_steps, window_start = 0, time.perf_counter()
-        if config.checkpointing_steps and step % config.checkpointing_steps == 0 \
-                and step < num_steps:
-            save_checkpoint(accelerator, output_dir, step, stream.state_dict(),
-                            config.save_total_limit)
+    last_save = time.monotonic()
+    with StopRequests() as stop:
+        while step < num_steps:
+            for _ in range(config.gradient_accumulation_steps):
+                batch = pending if pending is not None else next(stream)
+                pending = None
+                with accelerator.accumulate(*[run.sae for run in runs]):
+                    for run in runs:
+                        coefficient = std_coefficient_at(
+                            accelerator.unwrap_model(run.sae).config.std_coefficient,
+                            config.std_coefficient_schedule, step, num_steps)
+                        metrics = _train_step(run, batch, config, accelerator, coefficient)
+                        sums[run.name] = sums[run.name].to(metrics.device) + metrics \
+                            / config.gradient_accumulation_steps
+            step += 1
+            position.step = step
+            window_steps += 1
+            progress.update(1)
+            if step % config.logging_steps == 0 or step == num_steps:
+                logs = _log(runs, sums, window_steps, step, stream, accelerator)
+                position.last_finite_step = step
+                speed = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+                first = runs[0].log_prefix
+                progress.set_postfix({
+                    "tok/s": f"{speed:,.0f}", "fvu": f"{logs[f'{first}/fvu']:.3f}",
+                    "l0": f"{logs[f'{first}/l0']:.1f}",
+                    "dead": f"{logs[f'{first}/dead_fraction']:.1%}"})
+                sums = {name: torch.zeros_like(total) for name, total in sums.items()}
+                window_steps, window_start = 0, time.perf_counter()
+            minutes = config.checkpointing_minutes
+            interrupted, timed = agreed_flags(
+                accelerator, stop.requested,
+                bool(minutes) and time.monotonic() - last_save >= 60 * minutes)
+            by_steps = bool(config.checkpointing_steps) and step % config.checkpointing_steps == 0
+            if interrupted or (by_steps or timed) and step < num_steps:
+                saved = save_checkpoint(accelerator, position.output_dir, step, runs,
+                                        stream.state_dict(), run_settings=position.settings,
+                                        save_total_limit=config.save_total_limit)
+                position.last_finite_step, last_save = step, time.monotonic()
+                if interrupted:
+                    progress.close()
+                    accelerator.print(position.stopped_message(saved=saved))
+                    raise TrainingInterrupted(step, saved)
     progress.close()
-    return _finish(runs, model, eval_chunks, stream, config, num_steps, accelerator, output_dir)
 
 
 def _finish(runs: list[SAERun], model: Any, eval_chunks: Any, stream: ActivationStream,
