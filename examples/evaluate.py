@@ -44,7 +44,7 @@ from hf_deepsae.evaluation import (
     plot_feature_density,
     plot_fvu_vs_l0,
 )
-from hf_deepsae.hub import load_saes, save_sae, save_saes
+from hf_deepsae.hub import load_saes, sae_subfolders, save_sae, save_saes
 from hf_deepsae.training import TrainingConfig
 
 DATA_FIELDS = (
@@ -120,24 +120,19 @@ def load_sae_sources(paths: list[str]) -> dict[str, tuple[str, dict[str, DeepSAE
     """`{path: (kind, {name: sae})}`, kind `"single"` or `"collection"` (one SAE per subfolder)."""
     sources = {}
     for path in paths:
-        local = Path(path)
-        if local.is_dir() and not (local / "config.json").is_file():
-            sources[path] = ("collection", load_saes(local))
-            if not sources[path][1]:
-                raise ValueError(f"{path} holds no SAE: no config.json in it or its subfolders")
-            continue
         try:
-            sources[path] = ("single", {local.name: DeepSAEModel.from_pretrained(path)})
-        except OSError as error:  # maybe a Hub repo with one SAE per subfolder
-            if local.exists():
-                raise
-            try:
-                sources[path] = ("collection", load_saes(path))
-            except Exception as hub_error:
-                raise ValueError(
-                    f"no SAE at {path!r}: not a local folder ({error}), nor a Hub repo of SAEs "
-                    f"({hub_error}); examples/train.py saves to {TrainingConfig.output_dir}"
-                ) from hub_error
+            subfolders = sae_subfolders(path)
+        except OSError as error:  # neither a local folder nor a Hub repo
+            raise ValueError(
+                f"no SAE at {path!r}: not a local SAE folder, nor a Hub repo of SAEs ({error}); "
+                f"examples/train.py saves to {TrainingConfig.output_dir}"
+            ) from error
+        if subfolders is None:
+            sources[path] = ("single", {Path(path).name: DeepSAEModel.from_pretrained(path)})
+        elif subfolders:
+            sources[path] = ("collection", load_saes(path))
+        else:
+            raise ValueError(f"{path} holds no SAE: no config.json in it or its subfolders")
     return sources
 
 

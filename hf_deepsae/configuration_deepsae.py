@@ -15,6 +15,9 @@ TOPK_KINDS = ("topk", "batchtopk")
 HIDDEN_ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "leaky_relu")
 HOOK_SITES = ("mlp_out", "mlp_in", "resid")
 SELECTION_DTYPES = ("bfloat16", "float16")
+SUBFOLDERS_KEY = "sae_subfolders"
+"""The key of the top-level config.json of a folder or repo holding one SAE per hookpoint
+(`hf_deepsae.save_saes`, the trainer's output): it lists the subfolders; it describes no SAE."""
 
 
 def _fail(field: str, value: Any, fix: str) -> None:
@@ -223,8 +226,10 @@ class DeepSAEConfig(PretrainedConfig):
     def get_config_dict(
         cls, pretrained_model_name_or_path: Any, **kwargs: Any
     ) -> tuple[dict, dict]:
-        """Refuse configs of other model types instead of transformers' mere warning."""
+        """Refuse configs of other model types instead of transformers' mere warning, and the
+        top of a folder of SAEs with the subfolders to load instead."""
         config_dict, unused = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        _refuse_sae_folder(config_dict, str(pretrained_model_name_or_path))
         model_type = config_dict.get("model_type")
         if model_type is not None and model_type != cls.model_type:
             raise ValueError(
@@ -232,3 +237,25 @@ class DeepSAEConfig(PretrainedConfig):
                 f"{cls.model_type!r} SAE; load it with its own class or point at an SAE checkpoint"
             )
         return config_dict, unused
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """`PretrainedConfig.from_dict`, refusing the config.json that lists a folder's SAEs.
+
+        `AutoConfig` reaches this without `get_config_dict` above once hf_deepsae is imported."""
+        _refuse_sae_folder(config_dict, None)
+        return super().from_dict(config_dict, **kwargs)
+
+
+def _refuse_sae_folder(config_dict: dict[str, Any], path: str | None) -> None:
+    """A folder of SAEs has no SAE at its top: say which subfolders to load instead."""
+    subfolders = config_dict.get(SUBFOLDERS_KEY)
+    if subfolders:
+        where = repr(path) if path else "<folder or repo>"
+        raise ValueError(
+            f"{repr(path) if path else 'this folder or repo'} holds {len(subfolders)} "
+            f"SAE{'s' if len(subfolders) > 1 else ''}, one per hookpoint, in the subfolders "
+            f"{subfolders}: load one with AutoModel.from_pretrained({where}, "
+            f"subfolder={subfolders[0]!r}) (add trust_remote_code=True without hf_deepsae), or "
+            f"all with hf_deepsae.load_saes({where})"
+        )
