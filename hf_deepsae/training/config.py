@@ -43,6 +43,12 @@ same latents and 0.254 / 0.1% for one of twice the latents (about the deep SAE's
 half the Muon lr gives 0.43; the std penalty at 1.0 raised dead latents to 40%, so it stays off.
 Widths are absolute numbers, not multiples of d_in."""
 
+RUN_FIELDS = ("output_dir", "activation_cache_dir", "checkpointing_steps", "save_total_limit",
+              "resume_from_checkpoint", "log_with", "logging_steps", "push_to_hub", "hub_model_id")
+"""Where and how a run is kept on its machine. They don't shape the SAE and their local paths mean
+nothing elsewhere, so the SAE's training record (`config.training_config`, shown on its model
+card) leaves them out."""
+
 _SET_BY_TRAINER = ("d_in", "d_out", "base_model_name_or_path", "hookpoint", "hook_site", "layer",
                    "training_config", "metrics")
 
@@ -168,6 +174,11 @@ class TrainingConfig:
                 setattr(self, name, None)  # a way to switch a default off from the CLI
         if not self.hookpoints and not self.layers:
             raise ValueError("give --layers or --hookpoints: where to train SAEs")
+
+    def record(self) -> dict[str, Any]:
+        """The settings that shape the SAE, for its `training_config`: all but `RUN_FIELDS`."""
+        return {name: value for name, value in dataclasses.asdict(self).items()
+                if name not in RUN_FIELDS}
 
     def resolved_dead_threshold_tokens(self) -> int:
         if self.dead_threshold_tokens is not None:

@@ -366,9 +366,12 @@ def _finish(runs: list[SAERun], model: Any, eval_chunks: Any, stream: Activation
         results = evaluate_runs(runs, model, eval_chunks, config, accelerator)
         for run in runs:
             sae = saes[run.name]
+            weights = getattr(model.config, "weights_source", None)  # see load_language_model
             sae.config.training_config = {
-                **dataclasses.asdict(config), "lr": config.resolved_lr(sae.config.n_latents),
+                **config.record(), **({"model_weights": weights} if weights else {}),
+                "lr": config.resolved_lr(sae.config.n_latents),
                 "dead_threshold_tokens": config.resolved_dead_threshold_tokens(),
+                "mixed_precision": accelerator.mixed_precision,
                 "num_processes": accelerator.num_processes, "num_steps": num_steps}
             sae.config.metrics = {
                 **results[run.name].scalars(), "dead_fraction_training": run.dead.dead_fraction(),
