@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from hf_deepsae import DeepSAEModel
@@ -261,7 +262,10 @@ def main(argv: list[str] | None = None) -> SAEEvaluationResult:
     }
     settings = resolve(args, saes)
     model, tokenizer = load_language_model(
-        settings["model_name_or_path"], dtype=settings["lm_dtype"], device=accelerator.device
+        settings["model_name_or_path"],
+        dtype=settings["lm_dtype"],
+        device=accelerator.device,
+        verbose=accelerator.is_main_process,
     )
     evaluator = SAEEvaluator(
         model,
@@ -271,8 +275,19 @@ def main(argv: list[str] | None = None) -> SAEEvaluationResult:
         allow_base_model_mismatch=args.allow_base_model_mismatch,
     )
     chunks = evaluation_chunks(settings, tokenizer, accelerator)
+    progress = tqdm(
+        total=math.ceil(settings["n_tokens"] / settings["context_length"])
+        * settings["context_length"],
+        desc=f"Evaluating {len(saes)} SAE{'s' if len(saes) > 1 else ''}",
+        unit="tok",
+        unit_scale=True,
+        disable=not accelerator.is_main_process,
+    )
     for batch in chunks.iter(batch_size=settings["lm_batch_size"]):
-        evaluator.update(torch.as_tensor(batch["input_ids"]))
+        input_ids = torch.as_tensor(batch["input_ids"])
+        evaluator.update(input_ids)
+        progress.update(input_ids.numel() * accelerator.num_processes)
+    progress.close()
     metrics, *others = gather_object([evaluator.metrics])
     for other in others:
         metrics.merge(other)

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if base_model is None:
         raise ValueError(f"{args.sae} records no base_model_name_or_path; pass "
                          f"--model_name_or_path")
-    model, tokenizer = load_language_model(base_model, device=device)
+    model, tokenizer = load_language_model(base_model, device=device, verbose=True)
     input_ids, dataset_fields = load_corpus(args, sae, tokenizer)
 
     cache = build_latent_cache(model, sae, input_ids, args.lm_batch_size,
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scores = []
     if not args.no_scoring:
         judge_model, judge_tokenizer = (model, tokenizer) if args.judge_model == base_model \
-            else load_language_model(args.judge_model, device=device)
+            else load_language_model(args.judge_model, device=device, verbose=True)
         judge = TransformersJudge(judge_model, judge_tokenizer, args.judge_max_new_tokens)
         scores = score_latents(tqdm(examples, desc="Explaining and scoring latents"), judge,
                                judge, tokenizer, statistics, scoring)

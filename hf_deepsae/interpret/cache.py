@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..modeling_deepsae import DeepSAEModel, SparseLatents
 from ..splice import capture_activations, sae_sites
@@ -173,6 +174,7 @@ def build_latent_caches(model: nn.Module, saes: Mapping[str, DeepSAEModel], inpu
     device = next(model.parameters()).device
     sites = {name: sae_sites(model, sae.config)[0] for name, sae in saes.items()}
     found: dict[str, tuple[list[Tensor], list[Tensor]]] = {name: ([], []) for name in saes}
+    progress = tqdm(total=input_ids.numel(), desc="Caching latents", unit="tok", unit_scale=True)
     for first, batch in zip(range(0, len(input_ids), batch_size), input_ids.split(batch_size),
                             strict=True):
         captured = capture_activations(model, batch.to(device), sites.values())
@@ -182,6 +184,8 @@ def build_latent_caches(model: nn.Module, saes: Mapping[str, DeepSAEModel], inpu
             locations[:, 0] += first
             found[name][0].append(locations.cpu())
             found[name][1].append(activations.float().cpu())
+        progress.update(batch.numel())
+    progress.close()
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     return {
         name: LatentCache(

@@ -42,7 +42,13 @@ from ..hub import push_saes_to_hub, save_saes
 from ..modeling_deepsae import DeepSAEModel
 from ..sites import Site, capture_activations, find_mlp_sites, resolve_sites
 from .activation_cache import open_or_build_cache
-from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import (
+    checkpoints_folder,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainingConfig, sae_config_kwargs
 from .dead_latents import DeadLatentCounter
 from .optim import build_optimizers, build_scheduler, std_coefficient_at, update_sae
@@ -253,6 +259,8 @@ def evaluate_runs(runs: list[SAERun], model: Any, eval_chunks: Any, config: Trai
     source = ModelActivations(model, capture, TokenChunks(eval_chunks, config.lm_batch_size, 0))
     saes = {run.name: accelerator.unwrap_model(run.sae).eval() for run in runs}
     metrics = {run.name: ActivationMetrics(saes[run.name].config.n_total_latents) for run in runs}
+    progress = tqdm(total=config.eval_tokens, desc="Held-out evaluation", unit="tok",
+                    unit_scale=True)
     rows = 0
     while rows < config.eval_tokens and source.epoch == 0:
         block = source.next_block()
@@ -263,8 +271,22 @@ def evaluate_runs(runs: list[SAERun], model: Any, eval_chunks: Any, config: Trai
             out = saes[run.name](inputs, target=target)
             metrics[run.name].update(inputs if target is None else target, out.reconstruction,
                                      out.latent_acts, out.latent_indices)
+        progress.update(min(int(finite.sum()), config.eval_tokens - rows))
         rows += int(finite.sum())
+    progress.close()
     return {name: metric.compute() for name, metric in metrics.items()}
+
+
+def _report_checkpoints(output_dir: Path, accelerator: Accelerator) -> None:
+    """Say what the finished run left behind besides the SAEs: its resumable checkpoints."""
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        size = sum(file.stat().st_size for checkpoint in checkpoints
+                   for file in checkpoint.rglob("*") if file.is_file())
+        accelerator.print(
+            f"{len(checkpoints)} training checkpoint{'s' if len(checkpoints) > 1 else ''} "
+            f"({size / 1e6:,.0f} MB) remain in {checkpoints_folder(output_dir)}, to resume or "
+            f"extend this run; delete the folder if you need neither")
 
 
 def _tracker_config(config: TrainingConfig, sae_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -303,7 +325,8 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
             data_files=config.data_files, split=config.dataset_split,
             text_column=config.text_column, streaming=config.streaming)
     model, tokenizer = load_language_model(config.model_name_or_path, dtype=config.lm_dtype,
-                                           device=accelerator.device)
+                                           device=accelerator.device,
+                                           verbose=accelerator.is_main_process)
     targets = resolve_targets(model, config, sae_kwargs["transcoder"])
     with accelerator.main_process_first():
         chunks = tokenize_and_chunk(dataset, tokenizer, config.context_length, config.text_column)
@@ -391,6 +414,7 @@ def _finish(runs: list[SAERun], model: Any, eval_chunks: Any, stream: Activation
         if config.push_to_hub:
             commit = push_saes_to_hub(saes, config.hub_model_id or output_dir.resolve().name)
             accelerator.print(f"Pushed to {commit.repo_url}")
+        _report_checkpoints(output_dir, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return saes
