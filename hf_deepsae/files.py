@@ -96,7 +96,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(scratch, 0o666 & ~current_umask())
+        chmod_as_new_file(scratch)
         os.replace(scratch, path)
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
@@ -107,6 +107,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, value: Any) -> Path:
     """`atomic_write_text` of `value` as indented, key-sorted JSON."""
     return atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def chmod_as_new_file(path: str | Path) -> None:
+    """Give `path` the mode the umask gives a new file, e.g. after a writer that creates its files
+    0600 through a temporary file, as safetensors >= 0.8 does (safetensors#782)."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def current_umask() -> int:

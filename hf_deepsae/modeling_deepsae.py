@@ -11,6 +11,7 @@ every saved checkpoint (`auto_map`), so they import nothing from hf_deepsae beyo
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -217,6 +218,19 @@ class DeepSAEPreTrainedModel(PreTrainedModel):
             init.kaiming_uniform_(stage.W_dec, a=math.sqrt(5))
         if stage.decoder_mlp is None:
             stage.W_dec.div_(stage.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, with the weights readable as the umask allows.
+
+        safetensors >= 0.8 writes through a temporary file created with mode 0600
+        (safetensors#782), so `model.safetensors` alone would be private to its writer; it gets
+        the mode any new file gets, like the config and code beside it.
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        umask = os.umask(0o022)  # POSIX has no getter: set and restore
+        os.umask(umask)
+        for weights in Path(save_directory).glob("*.safetensors"):
+            os.chmod(weights, 0o666 & ~umask)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None, *args: Any,

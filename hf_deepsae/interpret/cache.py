@@ -29,6 +29,7 @@ from safetensors.numpy import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..files import chmod_as_new_file
 from ..modeling_deepsae import DeepSAEModel, SparseLatents
 from ..splice import capture_activations, sae_sites
 
@@ -113,6 +114,7 @@ class LatentCache:
                 "activations": self.activations[rows[0]:rows[1]].to(activation_dtype).numpy(),
                 "tokens": tokens,
             }, str(directory / f"{start}_{end}.safetensors"))
+            chmod_as_new_file(directory / f"{start}_{end}.safetensors")
         config = {**self.config, "cache_ctx_len": self.tokens.shape[1], "n_tokens": self.n_tokens,
                   "n_splits": n_splits, "n_latents": self.n_latents}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=4) + "\n")
