@@ -1,6 +1,6 @@
 """Interpret an SAE's latents: delphi-layout cache, statistics, examples, browser, scores.
 
-    python examples/interpret.py --sae outputs/deepsae --out outputs/interpret
+    python examples/interpret.py                     # the SAE examples/train.py wrote
     python examples/interpret.py --sae <hub repo> --subfolder model.layers.6.mlp.down_proj \
         --out outputs/interpret --n_tokens 1_000_000 --sample_latents 100
 
@@ -53,6 +53,7 @@ from hf_deepsae.interpret import (
     score_latents,
     summarize,
 )
+from hf_deepsae.training import TrainingConfig
 
 DATA_FIELDS = ("dataset_name", "dataset_config_name", "data_files", "dataset_split", "text_column")
 
@@ -61,7 +62,8 @@ DATA_FIELDS = ("dataset_name", "dataset_config_name", "data_files", "dataset_spl
 class InterpretArguments:
     """What to interpret, on which text, and where the results go."""
 
-    sae: str = dataclasses.field(metadata={"help": "SAE folder or Hub repo."})
+    sae: str = dataclasses.field(default=TrainingConfig.output_dir, metadata={
+        "help": "SAE folder or Hub repo, or a folder/repo with one SAE per subfolder."})
     out: str = dataclasses.field(default="outputs/interpret", metadata={
         "help": "Output folder."})
     subfolder: str | None = dataclasses.field(default=None, metadata={
