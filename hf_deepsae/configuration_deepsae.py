@@ -252,10 +252,12 @@ def _refuse_sae_folder(config_dict: dict[str, Any], path: str | None) -> None:
     subfolders = config_dict.get(SUBFOLDERS_KEY)
     if subfolders:
         where = repr(path) if path else "<folder or repo>"
+        holds = (f"{len(subfolders)} SAEs, one per hookpoint, in the subfolders {subfolders}"
+                 if len(subfolders) > 1 else
+                 f"1 SAE, in the subfolder {subfolders[0]!r} named after its hookpoint")
         raise ValueError(
-            f"{repr(path) if path else 'this folder or repo'} holds {len(subfolders)} "
-            f"SAE{'s' if len(subfolders) > 1 else ''}, one per hookpoint, in the subfolders "
-            f"{subfolders}: load one with AutoModel.from_pretrained({where}, "
-            f"subfolder={subfolders[0]!r}) (add trust_remote_code=True without hf_deepsae), or "
-            f"all with hf_deepsae.load_saes({where})"
+            f"{repr(path) if path else 'this folder or repo'} holds {holds}: load one with "
+            f"AutoModel.from_pretrained({where}, subfolder={subfolders[0]!r}) (add "
+            f"trust_remote_code=True without hf_deepsae), or all with "
+            f"hf_deepsae.load_saes({where})"
         )
