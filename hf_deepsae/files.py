@@ -112,7 +112,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(scratch, 0o666 & ~current_umask())
+        chmod_as_new_file(scratch)
         os.replace(scratch, path)
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
@@ -154,10 +154,9 @@ def atomic_folders(*paths: str | Path) -> Iterator[list[Path]]:
 
 def _apply_umask(folder: Path) -> None:
     """Give the files in `folder` the mode a new file gets (writers using `mkstemp` get 0600)."""
-    umask = current_umask()
     for file in folder.rglob("*"):
         if file.is_file() and not file.is_symlink():
-            os.chmod(file, (0o666 | file.stat().st_mode & 0o111) & ~umask)
+            chmod_as_new_file(file)
 
 
 def replace_folder(new: Path, path: Path) -> None:
@@ -193,6 +192,12 @@ def file_identity(path: str | Path, whole_below: int = 1 << 21,
         sample.update(file.read(sample_bytes))
     return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "sampled_sha256": sample.hexdigest()}
+
+
+def chmod_as_new_file(path: str | Path) -> None:
+    """Give `path` the mode the umask gives a new file, e.g. after a writer that creates its files
+    0600 through a temporary file, as safetensors >= 0.8 does (safetensors#782)."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def current_umask() -> int:

@@ -25,7 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .configuration_deepsae import DeepSAEConfig
-from .files import FileFormatError
+from .files import FileFormatError, chmod_as_new_file
 from .integrity import CheckpointFiles, nonfinite_tensors, record_weights_checksums
 from .pre_activation_std import gram_pre_act_std, mean_row_std
 from .sparsity import (
@@ -278,6 +278,8 @@ class DeepSAEPreTrainedModel(PreTrainedModel):
             raise ValueError(f"tensors {nonfinite} of this SAE hold NaN or inf values, so no "
                              f"checkpoint of it would load; it diverged: save an earlier state")
         super().save_pretrained(save_directory, *args, **kwargs)
+        for weights in Path(save_directory).glob("*.safetensors"):
+            chmod_as_new_file(weights)  # safetensors >= 0.8 writes 0600 files (safetensors#782)
         is_main_process = args[0] if args else kwargs.get("is_main_process", True)
         if is_main_process and (Path(save_directory) / "config.json").is_file():
             record_weights_checksums(save_directory, kwargs.get("variant"))

@@ -22,6 +22,8 @@ from hf_deepsae.interop import from_saelens, from_sparsify, to_saelens, to_spars
 
 pytest_plugins = ["hub_server"]
 
+PEERS_MISSING = '{} is not installed: pip install -e ".[peers]" runs these tests'
+
 D_IN, N_LATENTS, K = 8, 32, 4
 LINEAR = {
     "topk": {},
@@ -217,12 +219,12 @@ def test_unconvertible_checkpoints_say_why(tmp_path):
 @pytest.fixture(scope="module")
 def sparsify():
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
-    return pytest.importorskip("sparsify")
+    return pytest.importorskip("sparsify", reason=PEERS_MISSING.format("eai-sparsify"))
 
 
 @pytest.fixture(scope="module")
 def sae_lens():
-    return pytest.importorskip("sae_lens")
+    return pytest.importorskip("sae_lens", reason=PEERS_MISSING.format("sae-lens"))
 
 
 @pytest.mark.parametrize(("transcode", "skip"), [(False, False), (True, False), (True, True)],

@@ -28,8 +28,16 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from ..files import FileFormatError, atomic_write_text, check_tensor, load_safetensors, read_json
+from ..files import (
+    FileFormatError,
+    atomic_write_text,
+    check_tensor,
+    chmod_as_new_file,
+    load_safetensors,
+    read_json,
+)
 from ..modeling_deepsae import DeepSAEModel, SparseLatents
 from ..sites import check_token_batch
 from ..splice import capture_activations, sae_sites
@@ -129,6 +137,7 @@ class LatentCache:
                 "activations": self.activations[rows[0]:rows[1]].to(activation_dtype).numpy(),
                 "tokens": tokens,
             }, str(directory / f"{start}_{end}.safetensors"))
+            chmod_as_new_file(directory / f"{start}_{end}.safetensors")
         config = {**self.config, "cache_ctx_len": self.tokens.shape[1], "n_tokens": self.n_tokens,
                   "n_splits": n_splits, "n_latents": self.n_latents}
         atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=4) + "\n")
@@ -227,6 +236,7 @@ def build_latent_caches(model: nn.Module, saes: Mapping[str, DeepSAEModel], inpu
     device = next(model.parameters()).device
     sites = {name: sae_sites(model, sae.config)[0] for name, sae in saes.items()}
     found: dict[str, tuple[list[Tensor], list[Tensor]]] = {name: ([], []) for name in saes}
+    progress = tqdm(total=input_ids.numel(), desc="Caching latents", unit="tok", unit_scale=True)
     for first, batch in zip(range(0, len(input_ids), batch_size), input_ids.split(batch_size),
                             strict=True):
         captured = capture_activations(model, batch.to(device), sites.values())
@@ -236,6 +246,8 @@ def build_latent_caches(model: nn.Module, saes: Mapping[str, DeepSAEModel], inpu
             locations[:, 0] += first
             found[name][0].append(locations.cpu())
             found[name][1].append(activations.float().cpu())
+        progress.update(batch.numel())
+    progress.close()
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     return {
         name: LatentCache(

@@ -49,7 +49,9 @@ from ..sites import Site, capture_activations, find_mlp_sites, resolve_sites
 from .activation_cache import CachedActivations
 from .checkpointing import (
     NonFiniteStateError,
+    checkpoints_folder,
     find_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     open_checkpoint,
     read_data_state,
@@ -231,6 +233,8 @@ def evaluate_runs(runs: list[SAERun], model: Any, eval_chunks: Any, config: Trai
     source = ModelActivations(model, capture, TokenChunks(eval_chunks, config.lm_batch_size, 0))
     saes = {run.name: accelerator.unwrap_model(run.sae).eval() for run in runs}
     metrics = {run.name: ActivationMetrics(saes[run.name].config.n_total_latents) for run in runs}
+    progress = tqdm(total=config.eval_tokens, desc="Held-out evaluation", unit="tok",
+                    unit_scale=True)
     rows = 0
     while rows < config.eval_tokens and source.epoch == 0:
         block = source.next_block()
@@ -241,8 +245,22 @@ def evaluate_runs(runs: list[SAERun], model: Any, eval_chunks: Any, config: Trai
             out = saes[run.name](inputs, target=target)
             metrics[run.name].update(inputs if target is None else target, out.reconstruction,
                                      out.latent_acts, out.latent_indices)
+        progress.update(min(int(finite.sum()), config.eval_tokens - rows))
         rows += int(finite.sum())
+    progress.close()
     return {name: metric.compute() for name, metric in metrics.items()}
+
+
+def _report_checkpoints(output_dir: Path, accelerator: Accelerator) -> None:
+    """Say what the finished run left behind besides the SAEs: its resumable checkpoints."""
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        size = sum(file.stat().st_size for checkpoint in checkpoints
+                   for file in checkpoint.rglob("*") if file.is_file())
+        accelerator.print(
+            f"{len(checkpoints)} training checkpoint{'s' if len(checkpoints) > 1 else ''} "
+            f"({size / 1e6:,.0f} MB) remain in {checkpoints_folder(output_dir)}, to resume or "
+            f"extend this run; delete the folder if you need neither")
 
 
 def _tracker_config(config: TrainingConfig, sae_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +322,8 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
             data_files=config.data_files, split=config.dataset_split,
             text_column=config.text_column, streaming=config.streaming)
     model, tokenizer = load_language_model(config.model_name_or_path, dtype=config.lm_dtype,
-                                           device=accelerator.device)
+                                           device=accelerator.device,
+                                           verbose=accelerator.is_main_process)
     targets = resolve_targets(model, config, sae_kwargs["transcoder"])
     sites = capture_sites(targets)
     with accelerator.main_process_first():
@@ -410,9 +429,12 @@ def _finish(runs: list[SAERun], model: Any, eval_chunks: Any, stream: Activation
         results = evaluate_runs(runs, model, eval_chunks, config, accelerator)
         for run in runs:
             sae = saes[run.name]
+            weights = getattr(model.config, "weights_source", None)  # see load_language_model
             sae.config.training_config = {
-                **dataclasses.asdict(config), "lr": config.resolved_lr(sae.config.n_latents),
+                **config.record(), **({"model_weights": weights} if weights else {}),
+                "lr": config.resolved_lr(sae.config.n_latents),
                 "dead_threshold_tokens": config.resolved_dead_threshold_tokens(),
+                "mixed_precision": accelerator.mixed_precision,
                 "num_processes": accelerator.num_processes, "num_steps": num_steps}
             sae.config.metrics = {
                 **results[run.name].scalars(), "dead_fraction_training": run.dead.dead_fraction(),
@@ -432,6 +454,7 @@ def _finish(runs: list[SAERun], model: Any, eval_chunks: Any, stream: Activation
         if config.push_to_hub:
             commit = push_saes_to_hub(saes, config.hub_model_id or output_dir.resolve().name)
             accelerator.print(f"Pushed to {commit.repo_url}")
+        _report_checkpoints(output_dir, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return saes
