@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from test_activations import make_tiny_lm, write_corpus
-from test_training_e2e import TINY_SAE, fresh_accelerate_state, tiny_config  # noqa: F401
+from test_training_e2e import TINY_SAE, tiny_config
 
 from hf_deepsae.activations import load_language_model
 from hf_deepsae.training import train
