@@ -32,6 +32,7 @@ from typing import Any
 
 from hf_deepsae import DeepSAEModel, list_releases, load_sae, load_saes
 from hf_deepsae.activations import load_language_model
+from hf_deepsae.hub import sae_subfolders
 from hf_deepsae.interop import (
     to_circuit_tracer,
     to_neuronpedia,
@@ -110,9 +111,8 @@ def print_releases(args: argparse.Namespace) -> None:
 
 
 def _all_saes(path_or_repo: str) -> dict[str, DeepSAEModel]:
-    local = Path(path_or_repo)
-    if (local / "config.json").is_file():
-        return {local.name: load_sae(local)}
+    if sae_subfolders(path_or_repo) is None:  # a folder or repo of one SAE
+        return {Path(path_or_repo).name: load_sae(path_or_repo)}
     return load_saes(path_or_repo)
 
 

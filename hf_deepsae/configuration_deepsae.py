@@ -343,7 +343,7 @@ class DeepSAEConfig(PretrainedConfig):
         if os.path.isfile(location):  # a local folder: read it with hf_deepsae's error style
             read_json(location, fix=CONFIG_FIX)
         config_dict, unused = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        _refuse_sae_folder(config_dict, str(pretrained_model_name_or_path))
+        refuse_sae_folder(config_dict, str(pretrained_model_name_or_path))
         model_type = config_dict.get("model_type")
         if model_type is not None and model_type != cls.model_type:
             raise ValueError(
@@ -360,7 +360,7 @@ class DeepSAEConfig(PretrainedConfig):
         source = kwargs.get("name_or_path") or config_dict.get("_name_or_path")
         location = kwargs.pop(_LOCATION_KEY, None) or (
             os.path.join(str(source), "config.json") if source else None)
-        _refuse_sae_folder(config_dict, str(source) if source else None)
+        refuse_sae_folder(config_dict, str(source) if source else None)
         problem = saved_config_problem(cls, config_dict)
         if problem is None:
             try:
@@ -423,7 +423,7 @@ def _default_k_aux(d_in: Any, n_latents: Any) -> int | None:
     return max(1, min(d_in // 2, n_latents))
 
 
-def _refuse_sae_folder(config_dict: dict[str, Any], path: str | None) -> None:
+def refuse_sae_folder(config_dict: dict[str, Any], path: str | None) -> None:
     """A folder of SAEs has no SAE at its top: say which subfolders to load instead."""
     subfolders = config_dict.get(SUBFOLDERS_KEY)
     if subfolders:

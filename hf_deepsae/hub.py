@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .configuration_deepsae import SUBFOLDERS_KEY, DeepSAEConfig
+from .configuration_deepsae import CONFIG_FIX, SUBFOLDERS_KEY, DeepSAEConfig, check_not_a_file
 from .evaluation.plots import check_feature_density, plot_feature_density
 from .files import FileFormatError, atomic_folders, atomic_write_json, read_json
 from .interop import from_saelens, from_sparsify
@@ -187,7 +187,7 @@ def sae_subfolders(path_or_repo: str | Path, *, revision: str | None = None,
     if local.is_dir():
         top = local / "config.json"
         if top.is_file():
-            return read_json(top, fix="re-save the SAE(s)").get(SUBFOLDERS_KEY)
+            return read_json(top, fix=CONFIG_FIX).get(SUBFOLDERS_KEY)
         return sorted(path.parent.name for path in local.glob("*/config.json"))
     try:
         top = hf_hub_download(str(path_or_repo), "config.json", revision=revision, token=token)
@@ -259,6 +259,7 @@ def _refuse_missing_folder(path_or_repo: str | Path) -> None:
     """Fail at once on a missing folder that can't be a Hub repo, or is the trainer's default
     output (asking the Hub for it would only fail, after half a minute of retries offline)."""
     name = str(path_or_repo)
+    check_not_a_file(name)
     if Path(name).exists():
         return
     from .training.config import TrainingConfig  # here: hf_deepsae.training imports this module

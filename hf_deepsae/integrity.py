@@ -20,7 +20,12 @@ import torch
 from torch import nn
 from transformers.utils import cached_file
 
-from .configuration_deepsae import CONFIG_FIX, WEIGHTS_CHECKSUMS_KEY, check_not_a_file
+from .configuration_deepsae import (
+    CONFIG_FIX,
+    WEIGHTS_CHECKSUMS_KEY,
+    check_not_a_file,
+    refuse_sae_folder,
+)
 from .files import FileFormatError, atomic_write_json, file_sha256, read_json
 
 WEIGHTS_NAME = "model.safetensors"
@@ -96,13 +101,15 @@ class CheckpointFiles:
     def check_before_loading(self) -> None:
         """A local folder has its weights; every recorded checksum matches its file."""
         check_not_a_file(self.name_or_path)
-        if self.local and (self.location("config.json")).is_file() and not any(
+        config_path = self.resolve("config.json")
+        config = read_json(config_path, fix=CONFIG_FIX)
+        refuse_sae_folder(config, self.name_or_path)
+        if self.local and not any(
                 self.location(with_variant(name, self.variant)).is_file()
                 for name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "pytorch_model.bin")):
             raise FileFormatError(self.weights_location, "the file does not exist: the folder "
                                   "has the SAE's config.json but no weights", CORRUPT_FIX)
-        config_path = self.resolve("config.json")
-        recorded = read_json(config_path, fix=CONFIG_FIX).get(WEIGHTS_CHECKSUMS_KEY)
+        recorded = config.get(WEIGHTS_CHECKSUMS_KEY)
         if recorded is None:  # saved before checksums were recorded
             return
         if not isinstance(recorded, dict) or not all(

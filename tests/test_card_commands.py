@@ -121,7 +121,7 @@ def test_hf_deepsae_lines_run_as_printed(base_model, tmp_path, layout):
         card = save_sae(saes[HOOKPOINTS[0]], tmp_path / "sae") / "README.md"
     else:
         card = save_saes(saes, tmp_path / "saes") / "README.md"
-    (block,) = [block for block in python_blocks(card) if "trust_remote_code" not in block]
+    (block,) = [block for block in python_blocks(card) if "splice(" in block]
     namespace: dict = {}
     exec(block, namespace)  # noqa: S102 - the card's own code is the thing under test
     assert namespace["logits"].shape[-1] == 100  # the tiny llama's vocabulary

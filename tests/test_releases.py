@@ -61,6 +61,11 @@ def test_a_pushed_collections_card_registers_a_release_that_loads_offline(
     assert list_releases()["tiny-saes"].sae_ids == {
         "layer_0": "model.layers.0.mlp.down_proj", "layer_1": "model.layers.1.mlp.down_proj"}
 
+    printed_code = re.search(r"```python\n(import hf_deepsae\n.*?)```", card, re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(printed_code, namespace)  # noqa: S102 - the card's own lines are under test
+    torch.testing.assert_close(outputs(namespace["sae"]),
+                               outputs(saes["model.layers.0.mlp.down_proj"]), rtol=0, atol=0)
     online = load_sae("tiny-saes", "layer_1")
     go_offline(monkeypatch)
     offline = load_sae("tiny-saes", "layer_1")
