@@ -125,6 +125,22 @@ class TrainingConfig:
         default=None, metadata={"help": "Autocast for the SAE; default: accelerate's setting."})
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed of init and shuffling."})
 
+    # Scaling out (see the README's "Scaling out" section and examples/configs/).
+    shard_latents: bool = dataclasses.field(default=False, metadata={
+        "help": "Shard every SAE's latents over the processes (each holds 1/W of the encoder and "
+                "decoder rows and their optimizer state; exact top-k over all shards): for SAEs "
+                "too big for one device. topk SAEs only."})
+    distribute_hookpoints: bool = dataclasses.field(default=False, metadata={
+        "help": "Spread the SAEs (one per hookpoint) over the processes instead of replicating "
+                "them; activations are sent to each SAE's process, so every SAE still trains on "
+                "all processes' batches."})
+    lm_device_map: str | None = dataclasses.field(default=None, metadata={
+        "help": "Load the language model with this transformers device_map (e.g. auto: its "
+                "layers spread over this process's GPUs) instead of on the process's device."})
+    ddp_timeout: int = dataclasses.field(default=1800, metadata={
+        "help": "Seconds a collective may wait for the other processes before the run fails "
+                "(instead of hanging); raise it if building the activation cache takes longer."})
+
     # Evaluation, logging, checkpoints, outputs.
     eval_tokens: int = dataclasses.field(default=16_384, metadata={
         "help": "Held-out tokens for the final FVU/L0/dead metrics (not trained on)."})
@@ -166,6 +182,11 @@ class TrainingConfig:
         for name in ("log_with", "activation_cache_dir", "resume_from_checkpoint"):
             if getattr(self, name) in ("none", "None", ""):
                 setattr(self, name, None)  # a way to switch a default off from the CLI
+        if self.shard_latents and self.distribute_hookpoints:
+            raise ValueError("--shard_latents and --distribute_hookpoints exclude each other; "
+                             "shard the latents of big SAEs, or spread many SAEs over processes")
+        if self.ddp_timeout <= 0:
+            raise ValueError(f"ddp_timeout={self.ddp_timeout} must be a positive number of seconds")
         if not self.hookpoints and not self.layers:
             raise ValueError("give --layers or --hookpoints: where to train SAEs")
 

@@ -1,9 +1,11 @@
 """The canonical Accelerate loop: build → `prepare` → stream → step → log → `save_state` → save.
 
 One SAE (with its own optimizers, schedulers and dead-latent counter) per hookpoint, all fed by
-the same forward pass of the frozen language model, which is never wrapped by `prepare`. DDP
-across processes, CPU or GPU: each process reads its own shard of the corpus, gradients and
-dead-latent counters are all-reduced, so every process holds the same SAEs.
+the same forward pass of the frozen language model, which is never wrapped by `prepare`. Across
+processes, CPU or GPU, each process reads its own shard of the corpus; by default (DDP) gradients
+and dead-latent counters are all-reduced, so every process holds the same SAEs. `distributed.py`
+says where SAEs live otherwise (`--distribute_hookpoints`, `--shard_latents`) and what crosses
+processes; `failures.py` makes processes fail together instead of hanging.
 
 NaN policy: activation rows holding NaN/inf are dropped before training and counted
 (`nonfinite_rows` in the logs and the saved metrics); a non-finite *loss* stops the run with the
@@ -45,6 +47,8 @@ from .activation_cache import open_or_build_cache
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainingConfig, sae_config_kwargs
 from .dead_latents import DeadLatentCounter
+from .distributed import SAEParallelism
+from .failures import check_same_on_every_process, fail_together, process_group_kwargs
 from .optim import build_optimizers, build_scheduler, std_coefficient_at, update_sae
 
 
@@ -58,6 +62,10 @@ class Target(NamedTuple):
     read: Site
     write: Site
 
+    @property
+    def log_prefix(self) -> str:
+        return f"layer_{self.layer}" if self.layer is not None else self.hookpoint
+
 
 @dataclass
 class SAERun:
@@ -68,14 +76,12 @@ class SAERun:
     optimizers: list
     schedulers: list
     dead: DeadLatentCounter
+    index: int = 0
+    """Position among the run's targets."""
 
     @property
     def name(self) -> str:
         return self.target.hookpoint
-
-    @property
-    def log_prefix(self) -> str:
-        return f"layer_{self.target.layer}" if self.target.layer is not None else self.name
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(SAE input, transcoder target or None) from a batch keyed by `site_name`."""
@@ -152,40 +158,43 @@ def resolve_targets(model: Any, config: TrainingConfig, transcoder: bool) -> lis
 
 def _build_runs(model: Any, tokenizer: Any, stream: ActivationStream, config: TrainingConfig,
                 sae_kwargs: dict[str, Any], targets: list[Target], num_steps: int,
-                accelerator: Accelerator, resuming: bool
-                ) -> tuple[list[SAERun], dict[str, torch.Tensor] | None]:
-    """Create the SAEs with their optimizers and `prepare` them.
+                accelerator: Accelerator, parallelism: SAEParallelism, resuming: bool
+                ) -> tuple[list[SAERun], list[dict[str, torch.Tensor]] | None]:
+    """Create the SAEs this process trains, with their optimizers, and `prepare` them.
 
-    Unless resuming, the first batch initialises each SAE (`b_dec`, input scale) before `prepare`,
-    which broadcasts the main process's weights; the batch is returned to be trained on first.
+    Each SAE's initial weights depend on `seed` and its position only (not on which process
+    builds it). Unless resuming, the first batch of the main process initialises each SAE
+    (`b_dec`, input scale; `prepare` broadcasts them in DDP); the batches are returned to be
+    trained on first.
     """
     probe = torch.full((1, 2), tokenizer.eos_token_id, device=model.device)
     widths = {name: activations.shape[-1] for name, activations in capture_activations(
         model, probe, list(capture_sites(targets).values())).items()}
-    first_batch = None if resuming else next(stream)
-    set_seed(config.seed)
+    first_batches = None if resuming else parallelism.exchange(next(stream))
     runs = []
-    for target in targets:
+    for index, target in enumerate(targets):
+        if not parallelism.trains(index):
+            continue
+        set_seed(config.seed + index)
         sae_config = DeepSAEConfig(
             **sae_kwargs, d_in=widths[target.read],
             d_out=widths[target.write] if sae_kwargs["transcoder"] else None,
             base_model_name_or_path=model.name_or_path, hookpoint=target.hookpoint,
             layer=target.layer,
         )
-        sae = DeepSAEModel(sae_config).to(accelerator.device)
+        sae = parallelism.build_sae(sae_config)
         run = SAERun(target, sae, [], [], DeadLatentCounter(
             sae_config.n_total_latents, config.resolved_dead_threshold_tokens(),
-            accelerator.device))
-        if first_batch is not None:
-            sae.initialize_from_activations(*run.inputs(first_batch))
+            accelerator.device), index)
+        if first_batches is not None:
+            sae.initialize_from_activations(*run.inputs(first_batches[0]))
         lr = config.resolved_lr(sae_config.n_latents)
-        optimizers = build_optimizers(sae, config, lr)
+        optimizers = build_optimizers(sae, config, lr, muon_class=parallelism.muon_class(sae))
         schedulers = [build_scheduler(optimizer, config, num_steps) for optimizer in optimizers]
-        run.sae, *prepared = accelerator.prepare(sae, *optimizers, *schedulers)
-        run.optimizers, run.schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
-        accelerator.register_for_checkpointing(run.dead)
+        run.sae, run.optimizers, run.schedulers = parallelism.prepare(sae, optimizers, schedulers)
         runs.append(run)
-    return runs, first_batch
+    parallelism.register_for_checkpointing({run.index: run for run in runs})
+    return runs, first_batches
 
 
 def _activation_source(model: Any, targets: list[Target], shard: Any, config: TrainingConfig,
@@ -208,38 +217,52 @@ def _activation_source(model: Any, targets: list[Target], shard: Any, config: Tr
 METRICS = ("loss", "fvu", "l0", "aux_loss", "pre_act_std")
 
 
-def _train_step(run: SAERun, batch: dict[str, torch.Tensor], config: TrainingConfig,
-                accelerator: Accelerator, std_coefficient: float) -> torch.Tensor:
-    """Forward/backward one batch; on the last micro-batch, the optimizer step. Returns metrics."""
-    inputs, target = run.inputs(batch)
-    out = run.sae(inputs, target=target, dead_mask=run.dead.dead_mask,
-                  std_coefficient=std_coefficient)
-    accelerator.backward(out.loss)
-    run.dead.update(out.latent_acts, out.latent_indices,
-                    n_tokens=config.batch_size * accelerator.num_processes,
-                    reduce=lambda fired: accelerator.reduce(fired, "sum"))
+def _train_step(run: SAERun, batches: list[dict[str, torch.Tensor]], config: TrainingConfig,
+                accelerator: Accelerator, parallelism: SAEParallelism, std_coefficient: float
+                ) -> torch.Tensor:
+    """Forward/backward the batches (their losses averaged: one process's in DDP, every
+    process's in the distributed modes); on the last micro-batch, the optimizer step. Returns
+    the metrics, averaged over the batches."""
+    metrics, fired = torch.zeros(len(METRICS)), torch.zeros((), dtype=torch.int32)
+    for batch in batches:
+        inputs, target = run.inputs(batch)
+        with accelerator.autocast():
+            out = run.sae(inputs, target=target, dead_mask=run.dead.dead_mask,
+                          std_coefficient=std_coefficient)
+        accelerator.backward(out.loss / len(batches))
+        fired = fired + run.dead.fired(out.latent_acts, out.latent_indices)
+        l0 = (out.latent_acts != 0).sum(-1).float().mean()
+        metrics = metrics.to(l0.device) + torch.stack(
+            [out.loss, out.fvu, l0, out.aux_loss, out.pre_act_std]).detach().float() / len(batches)
+    run.dead.advance(parallelism.reduce_fired(fired),
+                     n_tokens=config.batch_size * accelerator.num_processes)
     if accelerator.sync_gradients:
         update_sae(accelerator.unwrap_model(run.sae), run.optimizers, run.schedulers,
-                   config.max_grad_norm, accelerator.clip_grad_norm_)
-    l0 = (out.latent_acts != 0).sum(-1).float().mean()
-    return torch.stack([out.loss, out.fvu, l0, out.aux_loss, out.pre_act_std]).detach().float()
+                   config.max_grad_norm, parallelism.clip_grad_norm(run.sae))
+    return metrics
 
 
-def _log(runs: list[SAERun], sums: dict[str, torch.Tensor], window_steps: int, step: int,
-         stream: ActivationStream, accelerator: Accelerator) -> dict[str, float]:
+LOGGED = (*METRICS, "dead_fraction", "lr")
+
+
+def _log(runs: list[SAERun], targets: list[Target], sums: dict[str, torch.Tensor],
+         window_steps: int, step: int, stream: ActivationStream, accelerator: Accelerator,
+         parallelism: SAEParallelism) -> dict[str, float]:
     """Average the window's metrics over steps and processes; log them; stop on a NaN loss."""
-    logs: dict[str, float] = {}
+    local = torch.zeros(len(targets), len(LOGGED), device=accelerator.device)
     for run in runs:
-        means = (accelerator.reduce(sums[run.name], "mean") / window_steps).tolist()
-        if not all(math.isfinite(value) for value in means):
+        local[run.index] = torch.cat([sums[run.name].to(local.device) / window_steps, torch.tensor(
+            [run.dead.dead_fraction(), run.schedulers[0].get_last_lr()[0]], device=local.device)])
+    logs: dict[str, float] = {}
+    for target, values in zip(targets, accelerator.reduce(
+            local, parallelism.metrics_reduction).tolist(), strict=True):
+        means = dict(zip(LOGGED, values, strict=True))
+        if not all(math.isfinite(means[name]) for name in METRICS):
             raise RuntimeError(
-                f"{run.name}: the loss became non-finite between steps {step - window_steps} and "
-                f"{step} ({dict(zip(METRICS, means, strict=True))}); lower --lr or "
-                "--max_grad_norm, or use --mixed_precision no")
-        prefix = run.log_prefix
-        logs.update({f"{prefix}/{name}": value for name, value in zip(METRICS, means, strict=True)})
-        logs[f"{prefix}/dead_fraction"] = run.dead.dead_fraction()
-        logs[f"{prefix}/lr"] = run.schedulers[0].get_last_lr()[0]
+                f"{target.hookpoint}: the loss became non-finite between steps "
+                f"{step - window_steps} and {step} ({means}); lower --lr or --max_grad_norm, or "
+                "use --mixed_precision no")
+        logs.update({f"{target.log_prefix}/{name}": value for name, value in means.items()})
     logs["nonfinite_rows"] = stream.nonfinite_rows
     accelerator.log(logs, step=step)
     return logs
@@ -279,14 +302,26 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
     The main process also saves each SAE to `output_dir/<hookpoint>` with a model card, its
     training config and held-out metrics in `config.metrics`, and prints where and how good.
     `sae_arguments` is an `SAEArguments`, a dict of overrides of `DEFAULT_SAE_RECIPE`, or None.
-    Works unchanged under `accelerate launch` (DDP, CPU or GPU) and plain `python`.
+    Works unchanged under `accelerate launch` (DDP, CPU or GPU) and plain `python`. With
+    `--distribute_hookpoints`/`--shard_latents` on several processes, the other processes return
+    `{}` (the main process gathers and saves every SAE).
     """
     sae_kwargs = sae_config_kwargs(sae_arguments)
     _check_early(config, sae_kwargs)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, log_with=config.log_with,
         project_dir=config.output_dir, step_scheduler_with_optimizer=False,
-        gradient_accumulation_steps=config.gradient_accumulation_steps)
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        kwargs_handlers=[process_group_kwargs(config.ddp_timeout)])
+    with fail_together(accelerator):
+        return _train(config, sae_kwargs, accelerator)
+
+
+def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Accelerator
+           ) -> dict[str, DeepSAEModel]:
+    """`train`'s body, once the accelerator (and its process group) exists."""
+    check_same_on_every_process(accelerator, "the training configuration",
+                                {**dataclasses.asdict(config), **sae_kwargs})
     output_dir = check_output_dir(config.output_dir)
     checkpoint = (find_checkpoint(output_dir, config.resume_from_checkpoint)
                   if config.resume_from_checkpoint else None)
@@ -303,19 +338,25 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
             data_files=config.data_files, split=config.dataset_split,
             text_column=config.text_column, streaming=config.streaming)
     model, tokenizer = load_language_model(config.model_name_or_path, dtype=config.lm_dtype,
-                                           device=accelerator.device)
+                                           device=accelerator.device,
+                                           device_map=config.lm_device_map)
     targets = resolve_targets(model, config, sae_kwargs["transcoder"])
+    parallelism = SAEParallelism(
+        accelerator, shard_latents=config.shard_latents,
+        distribute_hookpoints=config.distribute_hookpoints,
+        sae_sites=[{site_name(target.read), site_name(target.write)} for target in targets])
     with accelerator.main_process_first():
         chunks = tokenize_and_chunk(dataset, tokenizer, config.context_length, config.text_column)
     shard, eval_chunks = _split_chunks(chunks, config, accelerator)
     stream = ActivationStream(_activation_source(model, targets, shard, config, accelerator),
                               config.batch_size, config.shuffle_buffer_size, seed=config.seed,
                               device=accelerator.device)
-    runs, pending = _build_runs(model, tokenizer, stream, config, sae_kwargs, targets,
-                                num_steps, accelerator, resuming=checkpoint is not None)
+    runs, pending = _build_runs(model, tokenizer, stream, config, sae_kwargs, targets, num_steps,
+                                accelerator, parallelism, resuming=checkpoint is not None)
     step = 0
     if checkpoint is not None:
         step, data_state = load_checkpoint(accelerator, checkpoint)
+        check_same_on_every_process(accelerator, "the checkpoint to resume", {"step": step})
         stream.load_state_dict(data_state)
         accelerator.print(f"Resumed from {checkpoint} at step {step}/{num_steps}")
     accelerator.init_trackers("logs", config=_tracker_config(config, sae_kwargs))
@@ -326,23 +367,24 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
     window_steps, window_start = 0, time.perf_counter()
     while step < num_steps:
         for _ in range(config.gradient_accumulation_steps):
-            batch = pending if pending is not None else next(stream)
+            batches = pending if pending is not None else parallelism.exchange(next(stream))
             pending = None
             with accelerator.accumulate(*[run.sae for run in runs]):
                 for run in runs:
                     coefficient = std_coefficient_at(
                         accelerator.unwrap_model(run.sae).config.std_coefficient,
                         config.std_coefficient_schedule, step, num_steps)
-                    metrics = _train_step(run, batch, config, accelerator, coefficient)
+                    metrics = _train_step(run, batches, config, accelerator, parallelism,
+                                          coefficient)
                     sums[run.name] = sums[run.name].to(metrics.device) + metrics \
                         / config.gradient_accumulation_steps
         step += 1
         window_steps += 1
         progress.update(1)
         if step % config.logging_steps == 0 or step == num_steps:
-            logs = _log(runs, sums, window_steps, step, stream, accelerator)
+            logs = _log(runs, targets, sums, window_steps, step, stream, accelerator, parallelism)
             speed = window_steps * tokens_per_step / (time.perf_counter() - window_start)
-            first = runs[0].log_prefix
+            first = targets[0].log_prefix
             progress.set_postfix({"tok/s": f"{speed:,.0f}", "fvu": f"{logs[f'{first}/fvu']:.3f}",
                                   "l0": f"{logs[f'{first}/l0']:.1f}",
                                   "dead": f"{logs[f'{first}/dead_fraction']:.1%}"})
@@ -353,34 +395,39 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
             save_checkpoint(accelerator, output_dir, step, stream.state_dict(),
                             config.save_total_limit)
     progress.close()
-    return _finish(runs, model, eval_chunks, stream, config, num_steps, accelerator, output_dir)
+    return _finish(runs, targets, parallelism, model, eval_chunks, stream, config, num_steps,
+                   accelerator, output_dir)
 
 
-def _finish(runs: list[SAERun], model: Any, eval_chunks: Any, stream: ActivationStream,
-            config: TrainingConfig, num_steps: int, accelerator: Accelerator, output_dir: Path
-            ) -> dict[str, DeepSAEModel]:
+def _finish(runs: list[SAERun], targets: list[Target], parallelism: SAEParallelism, model: Any,
+            eval_chunks: Any, stream: ActivationStream, config: TrainingConfig, num_steps: int,
+            accelerator: Accelerator, output_dir: Path) -> dict[str, DeepSAEModel]:
     """Evaluate on held-out tokens, record config + metrics in each SAE, save (and push)."""
     accelerator.wait_for_everyone()
-    saes = {run.name: accelerator.unwrap_model(run.sae) for run in runs}
+    results = evaluate_runs(runs, model, eval_chunks, config, accelerator) \
+        if parallelism.evaluates_here and runs else {}
+    finished = {targets[index].hookpoint: value for index, value in parallelism.gather_saes(
+        {run.index: run for run in runs},
+        {run.index: (results.get(run.name), run.dead.dead_fraction()) for run in runs}).items()}
+    saes = {name: sae for name, (sae, _) in finished.items()}
     if accelerator.is_main_process:
-        results = evaluate_runs(runs, model, eval_chunks, config, accelerator)
-        for run in runs:
-            sae = saes[run.name]
+        results = {name: result for name, (_, (result, _)) in finished.items()}
+        for sae, (result, dead_fraction) in finished.values():
             sae.config.training_config = {
                 **dataclasses.asdict(config), "lr": config.resolved_lr(sae.config.n_latents),
                 "dead_threshold_tokens": config.resolved_dead_threshold_tokens(),
                 "num_processes": accelerator.num_processes, "num_steps": num_steps}
             sae.config.metrics = {
-                **results[run.name].scalars(), "dead_fraction_training": run.dead.dead_fraction(),
+                **result.scalars(), "dead_fraction_training": dead_fraction,
                 "nonfinite_rows_skipped": stream.nonfinite_rows,
                 "train_tokens": num_steps * config.batch_size * config.gradient_accumulation_steps
                 * accelerator.num_processes}
         save_saes(saes, output_dir, density_plots={
             name: result.feature_density for name, result in results.items()})
-        for run in runs:
-            metrics = saes[run.name].config.metrics
+        for name, sae in saes.items():
+            metrics = sae.config.metrics
             accelerator.print(
-                f"Saved the SAE for {run.name} to {output_dir / run.name}\n"
+                f"Saved the SAE for {name} to {output_dir / name}\n"
                 f"  held-out ({metrics['n_tokens']:,} tokens): FVU {metrics['fvu']:.4f}, "
                 f"L0 {metrics['l0']:.1f}, never fired {metrics['dead_fraction']:.1%}; "
                 f"dead in training (silent for {config.resolved_dead_threshold_tokens():,} "
