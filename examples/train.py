@@ -17,7 +17,9 @@ On a real machine, point it at any model and dataset, on as many GPUs as you lik
 
 Every flag is a field of `hf_deepsae.training.TrainingConfig` or of `DeepSAEConfig` (see
 `--help`); a YAML/JSON file with the same field names may come first: `train.py run.yaml --lr 1e-3`.
-Resume an interrupted run exactly with `--resume_from_checkpoint latest`.
+Resume an interrupted run exactly with `--resume_from_checkpoint latest`. SAEs too big for one
+device (`--shard_latents`), many SAEs over many devices (`--distribute_hookpoints`) and ready
+accelerate configs up to 2 nodes x 8 GPUs: see `examples/configs/` and the README's "Scaling out".
 """
 
 from hf_deepsae.training import parse_args, train
