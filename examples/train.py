@@ -19,7 +19,10 @@ Every flag is a field of `hf_deepsae.training.TrainingConfig` or of `DeepSAEConf
 (`python examples/train.py --help` lists them by topic); a YAML/JSON file with the same field
 names may come first: `train.py run.yaml --lr 1e-3`. Ctrl-C (or SIGTERM) saves the training state
 at the end of the current step and prints the command that resumes it exactly
-(`--resume_from_checkpoint latest`); a finished run says where its checkpoints stay.
+(`--resume_from_checkpoint latest`); a finished run says where its checkpoints stay. SAEs too big
+for one device (`--shard_latents`), many SAEs over many devices (`--distribute_hookpoints`) and
+ready accelerate configs up to 2 nodes x 8 GPUs: see `examples/configs/` and the README's
+"Scaling out".
 """
 
 import sys

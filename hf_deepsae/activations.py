@@ -89,9 +89,13 @@ def load_language_model(
     *,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
     verbose: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A frozen model (eval mode, no gradients) and its tokenizer, from the Hub or a local folder.
+
+    `device_map` (e.g. `"auto"`) spreads a model too big for one device over the visible ones,
+    as `from_pretrained` does; it replaces `device`.
 
     Any `AutoModelForCausalLM` works, and `AutoModel` (encoders) as a fallback. For
     `EMBEDDED_MODEL_NAME`, weights already in the Hugging Face cache win; otherwise the GGUF of
@@ -110,14 +114,16 @@ def load_language_model(
         print(f"Loading {name_or_path} from {where}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map,
+                                                     **load_kwargs)
     except ValueError:  # not a causal LM (e.g. an encoder): its bare model has the same layers
-        model = AutoModel.from_pretrained(source, dtype=dtype, **load_kwargs)
+        model = AutoModel.from_pretrained(source, dtype=dtype, device_map=device_map,
+                                          **load_kwargs)
     model.name_or_path = model.config.name_or_path = name_or_path
     if weights_source:
         model.config.weights_source = weights_source
     model.requires_grad_(False).eval()
-    return (model.to(device) if device is not None else model), tokenizer
+    return (model.to(device) if device is not None and device_map is None else model), tokenizer
 
 
 def language_model_identity(model: PreTrainedModel) -> dict[str, Any]:

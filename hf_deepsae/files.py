@@ -19,12 +19,12 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 
@@ -65,19 +65,37 @@ def read_json(path: str | Path, *, fix: str, required: Iterable[str] = ()) -> di
 
 
 def load_safetensors(path: str | Path, *, fix: str, required: Iterable[str] = (),
-                     device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors in the safetensors file `path`, which must hold every name in `required`."""
+                     device: str = "cpu",
+                     rows: Callable[[str, Sequence[int]], slice | None] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """The tensors in the safetensors file `path`, which must hold every name in `required`.
+
+    `rows(name, stored shape)` may pick a slice of a tensor's rows to read instead of all of it
+    (None: all), so a process reads only its share of a big tensor.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(path, "the file does not exist", fix)
     try:
-        tensors = load_file(str(path), device=device)
+        tensors = load_file(str(path), device=device) if rows is None else \
+            _load_rows(path, device, rows)
     except (SafetensorError, OSError) as error:
         raise FileFormatError(path, f"not a readable safetensors file ({error}); it may be "
                               "truncated or corrupt", fix) from None
     missing = [name for name in required if name not in tensors]
     if missing:
         raise FileFormatError(path, f"missing tensors {missing} (it holds {sorted(tensors)})", fix)
+    return tensors
+
+
+def _load_rows(path: Path, device: str, rows: Callable[[str, Sequence[int]], slice | None]
+               ) -> dict[str, torch.Tensor]:
+    tensors = {}
+    with safe_open(str(path), framework="pt", device=device) as file:
+        for name in file.keys():  # noqa: SIM118 (a safetensors file, not a dict)
+            stored = file.get_slice(name)
+            selected = rows(name, stored.get_shape())
+            tensors[name] = file.get_tensor(name) if selected is None else stored[selected]
     return tensors
 
 

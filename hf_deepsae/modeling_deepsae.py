@@ -160,6 +160,14 @@ class SparseStage(nn.Module):
         decoded = first_layer if self.decoder_mlp is None else self.decoder_mlp(first_layer)
         return decoded + self.b_dec
 
+    def top_latents(self, scores: torch.Tensor, k: int,
+                    among: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids of the k largest `scores` (`[B, n_latents]`) per row, optionally only `among` the
+        latents a `[n_latents]` bool mask allows (AuxK's dead latents); no gradient."""
+        if among is not None:
+            scores = scores.masked_fill(~among, -torch.inf)
+        return topk_select(scores, k)
+
     def select(self, hidden: torch.Tensor, pre_acts: torch.Tensor,
                indices: torch.Tensor) -> torch.Tensor:
         """Pre-activations at `indices`, differentiable whichever way `pre_acts` was computed."""
@@ -448,8 +456,7 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
             k_aux = min(self.config.k_aux, int(stage_dead.sum()))
             if k_aux == 0:
                 continue
-            masked = result.pre_acts.detach().masked_fill(~stage_dead, -torch.inf)
-            indices = topk_select(masked, k_aux)
+            indices = stage.top_latents(result.pre_acts.detach(), k_aux, among=stage_dead)
             values = F.relu(stage.select(result.hidden, result.pre_acts, indices))
             aux_reconstruction = aux_reconstruction + stage.decode_delta(values, indices)
         scale = min(num_dead / self.config.k_aux, 1.0)

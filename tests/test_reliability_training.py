@@ -253,6 +253,25 @@ def test_training_states_round_trip_exactly_without_pickle(tmp_path):
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".safetensors"}
 
 
+def test_a_state_reads_back_only_the_rows_asked_for(tmp_path):
+    """What a latent shard does on resume: its rows of the stored optimizer state, nothing more."""
+    state = {"state": {3: {"exp_avg": torch.randn(10, 4), "step": torch.tensor(2.0)},
+                       5: {"exp_avg": torch.randn(10, 4)}}, "param_groups": [{"lr": 0.1}]}
+    write_state(tmp_path, "optimizer_0", state)
+    asked = []
+
+    def rows(path, shape):
+        asked.append((path, tuple(shape)))
+        return slice(2, 5) if path[:2] == ("state", 3) and len(shape) else None
+
+    read = read_state(tmp_path, "optimizer_0", fix="retry", rows=rows)
+    assert torch.equal(read["state"][3]["exp_avg"], state["state"][3]["exp_avg"][2:5])
+    assert torch.equal(read["state"][5]["exp_avg"], state["state"][5]["exp_avg"])
+    assert read["state"][3]["step"] == 2.0 and read["param_groups"] == [{"lr": 0.1}]
+    assert sorted(asked) == [(("state", 3, "exp_avg"), (10, 4)), (("state", 3, "step"), ()),
+                             (("state", 5, "exp_avg"), (10, 4))]
+
+
 def test_a_state_holding_an_object_is_refused_by_name(tmp_path):
     with pytest.raises(TypeError, match=r"can't store object at state\.param_groups\.0\.fn"):
         write_state(tmp_path, "state", {"param_groups": [{"fn": object()}]})

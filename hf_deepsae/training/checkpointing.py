@@ -16,8 +16,12 @@ Everything is written to `.tmp-step_<N>` first and renamed once every process is
 mid-save never leaves a half-written `step_<N>`; old checkpoints are renamed away before they are
 deleted, so a kill while pruning leaves none half-deleted either. A checkpoint whose weights or
 optimizer state hold NaN/inf is never written (`NonFiniteStateError`), so a diverging run keeps
-its last finite checkpoints. Only DDP is supported (every process holds the same SAEs), as in the
-trainer: the main process writes the shared state, every process its RNG and data position.
+its last finite checkpoints.
+
+The files are the same however the run spreads its SAEs over processes (`distributed`): the SAEs'
+states are gathered to the main process in their ordinary unsharded form, one SAE at a time, and
+written there; every process writes its RNG and data position. On resume, each process reads the
+SAEs it trains, a latent shard only its own rows (`sharded_state`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,7 +47,8 @@ from ..files import (
     replace_folder,
 )
 from .dead_latents import DeadLatentCounter
-from .state_files import nonfinite_tensors, read_state, write_state
+from .sharded_state import optimizer_rows, weight_rows
+from .state_files import read_state, write_state
 
 _STEP_FOLDER = re.compile(r"^step_(\d+)$")
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -59,6 +65,24 @@ class CheckpointedRun(Protocol):
     optimizers: list
     schedulers: list
     dead: DeadLatentCounter
+
+
+class CheckpointedRuns(Protocol):
+    """Every SAE of a run, wherever its processes keep them (`distributed.TrainingStates`)."""
+
+    hookpoints: list[str]
+    """Every SAE of the run, in order."""
+    local: list[CheckpointedRun]
+    """The SAEs this process trains (whole, or its latent shards of them)."""
+
+    def nonfinite(self) -> list[str]:
+        """Collective: the NaN/inf weights and optimizer states of all processes' SAEs."""
+        ...
+
+    def gathered(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """Collective: `(hookpoint, whole training state)` per SAE (`sharded_state.run_state`),
+        the state on the main process only."""
+        ...
 
 
 class NonFiniteStateError(RuntimeError):
@@ -133,14 +157,15 @@ def read_data_state(path: Path, process_index: int) -> dict[str, Any]:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
-                    runs: list[CheckpointedRun], data_state: dict[str, Any], *,
+                    runs: CheckpointedRuns, data_state: dict[str, Any], *,
                     run_settings: dict[str, Any], save_total_limit: int | None = None) -> Path:
     """Save the full training state of every process as `step_<step>`; returns its path.
 
-    Raises `NonFiniteStateError` (on every process, before writing anything) when a weight or
-    optimizer state holds NaN/inf. Keeps the newest `save_total_limit` checkpoints.
+    Collective: every process calls it. Raises `NonFiniteStateError` (on every process, before
+    writing anything) when a weight or optimizer state holds NaN/inf. Keeps the newest
+    `save_total_limit` checkpoints.
     """
-    bad = [f"{run.name}: {name}" for run in runs for name in _nonfinite(accelerator, run)]
+    bad = runs.nonfinite()
     if bad:
         raise NonFiniteStateError(step, bad)
     final = checkpoints_folder(output_dir) / f"step_{step}"
@@ -160,16 +185,17 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
 
 
 def _write_checkpoint(accelerator: Accelerator, scratch: Path, step: int,
-                      runs: list[CheckpointedRun], data_state: dict[str, Any],
+                      runs: CheckpointedRuns, data_state: dict[str, Any],
                       run_settings: dict[str, Any]) -> None:
     """Write every file of a checkpoint into `scratch`, `trainer_state.json` last."""
     if accelerator.is_main_process:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        for run in runs:
-            _write_run(accelerator, scratch / run.name, run)
-        if accelerator.scaler is not None:
-            write_state(scratch, "grad_scaler", accelerator.scaler.state_dict())
+    for hookpoint, state in runs.gathered():
+        if state is not None:
+            _write_run(scratch / hookpoint, state)
+    if accelerator.is_main_process and accelerator.scaler is not None:
+        write_state(scratch, "grad_scaler", accelerator.scaler.state_dict())
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
     write_state(scratch, f"rng_state_{rank}", _rng_state(accelerator.device))
@@ -180,7 +206,7 @@ def _write_checkpoint(accelerator: Accelerator, scratch: Path, step: int,
                  for file in sorted(scratch.rglob("*")) if file.is_file()}
         atomic_write_json(scratch / TRAINER_STATE_FILE, {
             "format": CHECKPOINT_FORMAT, "step": step, "num_processes": accelerator.num_processes,
-            "hookpoints": [run.name for run in runs], "run_settings": run_settings,
+            "hookpoints": runs.hookpoints, "run_settings": run_settings,
             "files": files})
 
 
@@ -194,18 +220,19 @@ def open_checkpoint(path: Path) -> dict[str, Any]:
     return read_trainer_state(path)
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, runs: list[CheckpointedRun],
+def load_checkpoint(accelerator: Accelerator, path: Path, runs: CheckpointedRuns,
                     state: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    """Restore everything `save_checkpoint` wrote; returns `(step, this process's data state)`.
+    """Restore everything `save_checkpoint` wrote into this process's SAEs (`runs.local`, each
+    reading only its rows if it is a latent shard); returns `(step, this process's data state)`.
 
     `state` is what `open_checkpoint(path)` returned (which verifies every file); without it,
     the checkpoint is opened (and verified) here.
     """
     state = open_checkpoint(path) if state is None else state
-    if state["hookpoints"] != [run.name for run in runs]:
+    if state["hookpoints"] != runs.hookpoints:
         raise FileFormatError(path, f"holds SAEs for {state['hookpoints']}, not "
-                              f"{[run.name for run in runs]}", _damaged(path))
-    for run in runs:
+                              f"{runs.hookpoints}", _damaged(path))
+    for run in runs.local:
         _load_run(accelerator, path, run)
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(read_state(path, "grad_scaler", fix=_damaged(path)))
@@ -239,33 +266,28 @@ def _damaged(path: Path) -> str:
             f"<folder>; others in {path.parent}: {older}) or start again")
 
 
-def _nonfinite(accelerator: Accelerator, run: CheckpointedRun) -> list[str]:
-    weights = accelerator.unwrap_model(run.sae).state_dict()
-    optimizers = [optimizer.state_dict()["state"] for optimizer in run.optimizers]
-    return nonfinite_tensors({"weights": weights, "optimizer": optimizers})
-
-
-def _write_run(accelerator: Accelerator, folder: Path, run: CheckpointedRun) -> None:
+def _write_run(folder: Path, state: dict[str, Any]) -> None:
+    """Write one SAE's training state (`sharded_state.run_state`) into `folder`."""
     folder.mkdir()
-    weights = accelerator.unwrap_model(run.sae).state_dict()
-    save_file({name: value.detach().contiguous().cpu() for name, value in weights.items()},
+    save_file({name: value.detach().contiguous().cpu() for name, value in state["model"].items()},
               str(folder / "model.safetensors"))
-    for index, optimizer in enumerate(run.optimizers):
-        write_state(folder, f"optimizer_{index}", optimizer.state_dict())
-    for index, scheduler in enumerate(run.schedulers):
-        write_state(folder, f"scheduler_{index}", scheduler.state_dict())
-    write_state(folder, "dead_latents", run.dead.state_dict())
+    for index, optimizer_state in enumerate(state["optimizers"]):
+        write_state(folder, f"optimizer_{index}", optimizer_state)
+    for index, scheduler_state in enumerate(state["schedulers"]):
+        write_state(folder, f"scheduler_{index}", scheduler_state)
+    write_state(folder, "dead_latents", state["dead_latents"])
 
 
 def _load_run(accelerator: Accelerator, path: Path, run: CheckpointedRun) -> None:
     folder, fix = path / run.name, _damaged(path)
     sae = accelerator.unwrap_model(run.sae)
     weights = load_safetensors(folder / "model.safetensors", fix=fix,
-                               required=list(sae.state_dict()))
+                               required=list(sae.state_dict()), rows=weight_rows(sae))
     try:
         sae.load_state_dict(weights)
         for index, optimizer in enumerate(run.optimizers):
-            optimizer.load_state_dict(read_state(folder, f"optimizer_{index}", fix=fix))
+            optimizer.load_state_dict(read_state(folder, f"optimizer_{index}", fix=fix,
+                                                 rows=optimizer_rows(optimizer, sae)))
         for index, (optimizer, scheduler) in enumerate(zip(run.optimizers, run.schedulers,
                                                            strict=True)):
             schedule = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper

@@ -133,6 +133,22 @@ class TrainingConfig:
         default=None, metadata={"help": "Autocast for the SAE; default: accelerate's setting."})
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed of init and shuffling."})
 
+    # Scaling out (see the README's "Scaling out" section and examples/configs/).
+    shard_latents: bool = dataclasses.field(default=False, metadata={
+        "help": "Shard every SAE's latents over the processes (each holds 1/W of the encoder and "
+                "decoder rows and their optimizer state; exact top-k over all shards): for SAEs "
+                "too big for one device. topk SAEs only."})
+    distribute_hookpoints: bool = dataclasses.field(default=False, metadata={
+        "help": "Spread the SAEs (one per hookpoint) over the processes instead of replicating "
+                "them; activations are sent to each SAE's process, so every SAE still trains on "
+                "all processes' batches."})
+    lm_device_map: str | None = dataclasses.field(default=None, metadata={
+        "help": "Load the language model with this transformers device_map (e.g. auto: its "
+                "layers spread over this process's GPUs) instead of on the process's device."})
+    ddp_timeout: int = dataclasses.field(default=1800, metadata={
+        "help": "Seconds a collective may wait for the other processes before the run fails "
+                "(instead of hanging); raise it if building the activation cache takes longer."})
+
     # Evaluation, logging, checkpoints, outputs.
     eval_tokens: int = dataclasses.field(default=16_384, metadata={
         "help": "Held-out tokens for the final FVU/L0/dead metrics (not trained on)."})
@@ -148,7 +164,8 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = dataclasses.field(default=None, metadata={
         "help": "A checkpoint folder, or 'latest' for the newest in output_dir/checkpoints. The "
                 "run's settings must match the checkpoint's, except output, logging and "
-                "checkpointing fields, lr, max_grad_norm and mixed_precision."})
+                "checkpointing fields, lr, max_grad_norm, mixed_precision and where SAEs and the "
+                "model live (shard_latents, distribute_hookpoints, lm_device_map, ddp_timeout)."})
     overwrite_output_dir: bool = dataclasses.field(default=False, metadata={
         "help": "Delete the checkpoints, logs and SAEs another run (other settings) left in "
                 "output_dir instead of refusing to start there."})
@@ -184,6 +201,11 @@ class TrainingConfig:
         for name in ("log_with", "activation_cache_dir", "resume_from_checkpoint"):
             if getattr(self, name) in ("none", "None", ""):
                 setattr(self, name, None)  # a way to switch a default off from the CLI
+        if self.shard_latents and self.distribute_hookpoints:
+            raise ValueError("--shard_latents and --distribute_hookpoints exclude each other; "
+                             "shard the latents of big SAEs, or spread many SAEs over processes")
+        if self.ddp_timeout <= 0:
+            raise ValueError(f"ddp_timeout={self.ddp_timeout} must be a positive number of seconds")
         if not self.hookpoints and not self.layers:
             raise ValueError("give --layers or --hookpoints: where to train SAEs")
 
@@ -284,6 +306,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
         "optimizer", "lr", "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1",
         "adam_beta2", "muon_momentum", "max_grad_norm", "dead_threshold_tokens",
         "std_coefficient_schedule", "mixed_precision", "seed"),
+    "Scaling out (several processes or devices)": (
+        "shard_latents", "distribute_hookpoints", "lm_device_map", "ddp_timeout"),
     "Evaluation and logging": ("eval_tokens", "log_with", "logging_steps"),
     "Checkpoints, outputs and the Hub": (
         "output_dir", "overwrite_output_dir", "checkpointing_steps", "checkpointing_minutes",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,27 @@ def write_state(folder: str | Path, name: str, state: Any) -> None:
     atomic_write_text(Path(folder) / f"{name}.json", json.dumps({"state": structure}, indent=1))
 
 
-def read_state(folder: str | Path, name: str, *, fix: str) -> Any:
-    """The state `write_state` wrote as `name` in `folder`; `fix` says what to do if it is bad."""
+def read_state(folder: str | Path, name: str, *, fix: str,
+               rows: Callable[[tuple, Sequence[int]], slice | None] | None = None) -> Any:
+    """The state `write_state` wrote as `name` in `folder`; `fix` says what to do if it is bad.
+
+    `rows(path, stored shape)` may pick a slice of the rows of the tensor at `path` in the state
+    (a tuple of keys, e.g. `("state", 3, "exp_avg")`) to read instead of all of it (None: all).
+    """
     json_path = Path(folder) / f"{name}.json"
     structure = read_json(json_path, fix=fix, required=["state"])["state"]
     tensor_path = Path(folder) / f"{name}.safetensors"
-    tensors = load_safetensors(tensor_path, fix=fix) if tensor_path.exists() else {}
+    try:
+        paths = dict(_tensor_paths(structure, ())) if rows is not None else {}
+    except (TypeError, ValueError) as error:
+        raise FileFormatError(json_path, f"not a training state written by hf_deepsae ({error})",
+                              fix) from None
+
+    def select(key: str, shape: Sequence[int]) -> slice | None:
+        return rows(paths[key], shape) if rows is not None and key in paths else None
+
+    tensors = load_safetensors(tensor_path, fix=fix, rows=select if rows is not None else None) \
+        if tensor_path.exists() else {}
     try:
         return _decode(structure, tensors)
     except (KeyError, TypeError, ValueError) as error:
@@ -61,6 +77,24 @@ def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
         if isinstance(state, list | tuple) else ()
     return [path for key, value in items
             for path in nonfinite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def _tensor_paths(value: Any, path: tuple) -> Iterator[tuple[str, tuple]]:
+    """`(tensor key, path of keys in the decoded state)` for every tensor in an encoded state."""
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _tensor_paths(item, (*path, index))
+    elif isinstance(value, dict):
+        if set(value) == {_TENSOR}:
+            yield value[_TENSOR], path
+        elif set(value) == {_TUPLE}:
+            yield from _tensor_paths(value[_TUPLE], path)
+        elif set(value) == {_ITEMS}:
+            for key, item in value[_ITEMS]:
+                yield from _tensor_paths(item, (*path, key))
+        elif set(value) != {_DTYPE}:
+            for key, item in value.items():
+                yield from _tensor_paths(item, (*path, key))
 
 
 def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
