@@ -20,8 +20,7 @@ from typing import Any
 
 import psutil
 import torch
-from accelerate import Accelerator
-from safetensors.torch import load_file
+from accelerate import PartialState
 
 from hf_deepsae import DeepSAEModel
 from hf_deepsae.activations import (
@@ -35,9 +34,9 @@ from hf_deepsae.activations import (
 from hf_deepsae.modeling_deepsae import DeepSAEOutput
 from hf_deepsae.training import update_sae
 from hf_deepsae.training.activation_cache import (
-    cache_folder,
+    CachedActivations,
+    find_cache,
     open_or_build_cache,
-    read_cache_info,
 )
 from hf_deepsae.training.dead_latents import DeadLatentCounter
 
@@ -68,16 +67,17 @@ def cached_activations(cache_dir: Path = DEFAULT_CACHE_DIR) -> torch.Tensor:
     """
     metadata = {"model_name_or_path": EMBEDDED_MODEL_NAME, "dataset_name": None,
                 "context_length": CONTEXT_LENGTH}
-    folder = cache_folder(cache_dir, {**metadata, "sites": [HOOKPOINT]})
-    if read_cache_info(folder) is None:
-        print(f"caching {EMBEDDED_MODEL_NAME} {HOOKPOINT} activations into {folder} ...")
+    build = find_cache(cache_dir, metadata, [HOOKPOINT], rows=MAX_CACHED_TOKENS)
+    if build is None:
+        print(f"caching {EMBEDDED_MODEL_NAME} {HOOKPOINT} activations into {cache_dir} ...")
         start = time.perf_counter()
-        open_or_build_cache(language_model_source(), cache_dir, metadata,
-                            max_rows=MAX_CACHED_TOKENS, rows_per_shard=16_384,
-                            accelerator=Accelerator(cpu=True), seed=0)
+        cache = open_or_build_cache(language_model_source(), cache_dir, metadata,
+                                    max_rows=MAX_CACHED_TOKENS, rows_per_shard=16_384,
+                                    accelerator=PartialState(), seed=0)
         print(f"cached in {time.perf_counter() - start:.0f} s")
-    shards = sorted(folder.glob("*.safetensors"))
-    return torch.cat([load_file(str(shard))[HOOKPOINT] for shard in shards]).float()
+    else:
+        cache = CachedActivations(build, [HOOKPOINT])
+    return torch.cat([cache.next_block()[HOOKPOINT] for _ in cache.shards]).float()
 
 
 def train_eval_split(activations: torch.Tensor, eval_tokens: int, seed: int = 0

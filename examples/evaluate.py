@@ -47,6 +47,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from hf_deepsae import DeepSAEModel
@@ -69,7 +70,7 @@ from hf_deepsae.evaluation import (
     plot_fvu_vs_l0,
 )
 from hf_deepsae.evaluation.autointerp import AutoInterpConfig
-from hf_deepsae.hub import load_saes, save_sae, save_saes
+from hf_deepsae.hub import load_saes, sae_subfolders, save_sae, save_saes
 from hf_deepsae.interpret.judges import JudgeConfig
 from hf_deepsae.training import TrainingConfig
 
@@ -193,24 +194,19 @@ def load_sae_sources(paths: list[str]) -> dict[str, tuple[str, dict[str, DeepSAE
     """`{path: (kind, {name: sae})}`, kind `"single"` or `"collection"` (one SAE per subfolder)."""
     sources = {}
     for path in paths:
-        local = Path(path)
-        if local.is_dir() and not (local / "config.json").is_file():
-            sources[path] = ("collection", load_saes(local))
-            if not sources[path][1]:
-                raise ValueError(f"{path} holds no SAE: no config.json in it or its subfolders")
-            continue
         try:
-            sources[path] = ("single", {local.name: DeepSAEModel.from_pretrained(path)})
-        except OSError as error:  # maybe a Hub repo with one SAE per subfolder
-            if local.exists():
-                raise
-            try:
-                sources[path] = ("collection", load_saes(path))
-            except Exception as hub_error:
-                raise ValueError(
-                    f"no SAE at {path!r}: not a local folder ({error}), nor a Hub repo of SAEs "
-                    f"({hub_error}); examples/train.py saves to {TrainingConfig.output_dir}"
-                ) from hub_error
+            subfolders = sae_subfolders(path)
+        except OSError as error:  # neither a local folder nor a Hub repo
+            raise ValueError(
+                f"no SAE at {path!r}: not a local SAE folder, nor a Hub repo of SAEs ({error}); "
+                f"examples/train.py saves to {TrainingConfig.output_dir}"
+            ) from error
+        if subfolders is None:
+            sources[path] = ("single", {Path(path).name: DeepSAEModel.from_pretrained(path)})
+        elif subfolders:
+            sources[path] = ("collection", load_saes(path))
+        else:
+            raise ValueError(f"{path} holds no SAE: no config.json in it or its subfolders")
     return sources
 
 
@@ -380,7 +376,10 @@ def main(argv: list[str] | None = None) -> SAEEvaluationResult | None:
     }
     settings = resolve(args, saes)
     model, tokenizer = load_language_model(
-        settings["model_name_or_path"], dtype=settings["lm_dtype"], device=accelerator.device
+        settings["model_name_or_path"],
+        dtype=settings["lm_dtype"],
+        device=accelerator.device,
+        verbose=accelerator.is_main_process,
     )
     result = None
     if "core" in args.benchmarks:
@@ -392,8 +391,19 @@ def main(argv: list[str] | None = None) -> SAEEvaluationResult | None:
             allow_base_model_mismatch=args.allow_base_model_mismatch,
         )
         chunks = evaluation_chunks(settings, tokenizer, accelerator)
+        progress = tqdm(
+            total=math.ceil(settings["n_tokens"] / settings["context_length"])
+            * settings["context_length"],
+            desc=f"Evaluating {len(saes)} SAE{'s' if len(saes) > 1 else ''}",
+            unit="tok",
+            unit_scale=True,
+            disable=not accelerator.is_main_process,
+        )
         for batch in chunks.iter(batch_size=settings["lm_batch_size"]):
-            evaluator.update(torch.as_tensor(batch["input_ids"]))
+            input_ids = torch.as_tensor(batch["input_ids"])
+            evaluator.update(input_ids)
+            progress.update(input_ids.numel() * accelerator.num_processes)
+        progress.close()
         metrics, *others = gather_object([evaluator.metrics])
         for other in others:
             metrics.merge(other)

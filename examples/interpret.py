@@ -1,6 +1,6 @@
 """Interpret an SAE's latents: delphi-layout cache, statistics, examples, browser, scores.
 
-    python examples/interpret.py --sae outputs/deepsae --out outputs/interpret
+    python examples/interpret.py                     # the SAE examples/train.py wrote
     python examples/interpret.py --sae <hub repo> --subfolder model.layers.6.mlp.down_proj \
         --out outputs/interpret --n_tokens 1_000_000 --sample_latents 100
 
@@ -59,6 +59,7 @@ from hf_deepsae.interpret import (
     summarize,
 )
 from hf_deepsae.interpret.judges import JudgeConfig, load_judge
+from hf_deepsae.training import TrainingConfig
 
 DATA_FIELDS = ("dataset_name", "dataset_config_name", "data_files", "dataset_split", "text_column")
 
@@ -67,7 +68,8 @@ DATA_FIELDS = ("dataset_name", "dataset_config_name", "data_files", "dataset_spl
 class InterpretArguments:
     """What to interpret, on which text, and where the results go."""
 
-    sae: str = dataclasses.field(metadata={"help": "SAE folder or Hub repo."})
+    sae: str = dataclasses.field(default=TrainingConfig.output_dir, metadata={
+        "help": "SAE folder or Hub repo, or a folder/repo with one SAE per subfolder."})
     out: str = dataclasses.field(default="outputs/interpret", metadata={
         "help": "Output folder."})
     subfolder: str | None = dataclasses.field(default=None, metadata={
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if base_model is None:
         raise ValueError(f"{args.sae} records no base_model_name_or_path; pass "
                          f"--model_name_or_path")
-    model, tokenizer = load_language_model(base_model, device=device)
+    model, tokenizer = load_language_model(base_model, device=device, verbose=True)
     input_ids, dataset_fields = load_corpus(args, sae, tokenizer)
 
     cache = build_latent_cache(model, sae, input_ids, args.lm_batch_size,

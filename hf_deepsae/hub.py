@@ -7,25 +7,40 @@ safetensors weights, an optional feature-density plot and a README rendered from
 its own subfolder, loadable with `AutoModel.from_pretrained(repo, subfolder=hookpoint)` or all at
 once with `load_saes(repo)`, under a repo-level card (`model_cards/sae_collection.md`).
 `save_sae`/`save_saes` write the same folders locally; `load_sae` takes one SAE from either layout.
+
+A folder of SAEs also carries, at its top, the modeling code and a config.json listing the
+subfolders (`sae_subfolders`): transformers fetches `auto_map` code from the top of a folder or repo
+even when told a `subfolder`, and `from_pretrained` on the top then names the subfolders to load.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from huggingface_hub import CommitInfo, HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub import CommitInfo, HfApi, get_token, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
 
-from .evaluation.plots import plot_feature_density
+from .configuration_deepsae import CONFIG_FIX, SUBFOLDERS_KEY, DeepSAEConfig, check_not_a_file
+from .evaluation.plots import check_feature_density, plot_feature_density
+from .files import FileFormatError, atomic_folders, atomic_write_json, read_json
+from .interop import from_saelens, from_sparsify
 from .model_card import DEFAULT_LICENSE, collection_card, sae_card
 from .modeling_deepsae import DeepSAEModel
+from .releases import Release, find_release
 
 DENSITY_PLOT_FILENAME = "feature_density.png"
+_STAGED_CARD = ".collection-README.md"
 
 DensityPlot = torch.Tensor | str | Path
 
@@ -41,6 +56,9 @@ def save_sae(
 ) -> Path:
     """Write `sae` with its model card (and feature-density plot) to `folder`, ready to upload.
 
+    The folder is written beside `folder` and swapped in whole, so a full disk or a crash leaves
+    the previous content (or nothing), never new files next to old weights.
+
     Args:
         repo_id: where the folder will live on the Hub; the card's code uses it (else the path).
         subfolder: the folder's path inside that repo, for the card's loading code.
@@ -49,15 +67,24 @@ def save_sae(
         license: the card's license identifier.
     """
     folder = Path(folder)
+    if density_plot is not None:
+        _check_density_plot(density_plot)
+    with atomic_folders(folder) as (scratch,):
+        _write_sae(sae, scratch, repo_id=repo_id or str(folder), subfolder=subfolder,
+                   density_plot=density_plot, license=license)
+    return folder
+
+
+def _write_sae(sae: DeepSAEModel, folder: Path, *, repo_id: str, subfolder: str | None,
+               density_plot: DensityPlot | None, license: str) -> None:
     sae.save_pretrained(folder)
     plot_name = None
     if density_plot is not None:
         _write_density_plot(density_plot, folder / DENSITY_PLOT_FILENAME)
         plot_name = DENSITY_PLOT_FILENAME
-    card = sae_card(sae, repo_id=repo_id or str(folder), subfolder=subfolder,
-                    density_plot=plot_name, license=license)
+    card = sae_card(sae, repo_id=repo_id, subfolder=subfolder, density_plot=plot_name,
+                    license=license)
     card.save(folder / "README.md")
-    return folder
 
 
 def save_saes(
@@ -71,17 +98,26 @@ def save_saes(
     """Write SAEs trained together into one folder: a subfolder per hookpoint and a repo card.
 
     `saes` maps each subfolder name (the hookpoint, e.g. `"model.layers.6.mlp.down_proj"`) to its
-    SAE; `density_plots` optionally maps the same names to what `save_sae` accepts.
+    SAE; `density_plots` optionally maps the same names to what `save_sae` accepts. All subfolders
+    and the card are written beside their places first and swapped in together: a full disk or a
+    crash leaves every SAE as it was.
     """
     folder = Path(folder)
     _check_subfolders(saes)
     density_plots = density_plots or {}
-    for name, sae in saes.items():
-        save_sae(sae, folder / name, repo_id=repo_id or str(folder), subfolder=name,
-                 density_plot=density_plots.get(name), license=license)
-    collection_card(saes, repo_id=repo_id or str(folder), license=license).save(
-        folder / "README.md"
-    )
+    for name, density_plot in density_plots.items():
+        if name not in saes:
+            raise ValueError(f"density_plots[{name!r}] names no SAE; use the keys of saes "
+                             f"{sorted(saes)}")
+        _check_density_plot(density_plot)
+    card = collection_card(saes, repo_id=repo_id or str(folder), license=license)
+    with atomic_folders(*(folder / name for name in saes)) as scratches:
+        for (name, sae), scratch in zip(saes.items(), scratches, strict=True):
+            _write_sae(sae, scratch, repo_id=repo_id or str(folder), subfolder=name,
+                       density_plot=density_plots.get(name), license=license)
+        card.save(scratches[0] / _STAGED_CARD)
+    os.replace(folder / next(iter(saes)) / _STAGED_CARD, folder / "README.md")
+    _write_folder_config(folder, list(saes))
     return folder
 
 
@@ -139,6 +175,31 @@ def push_saes_to_hub(
         )
 
 
+def sae_subfolders(path_or_repo: str | Path, *, revision: str | None = None,
+                   token: str | None = None) -> list[str] | None:
+    """The subfolders of a folder or Hub repo holding one SAE per hookpoint; None for one SAE.
+
+    Read from the top-level config.json `save_saes` writes; folders written before it had one
+    are recognised by their `<subfolder>/config.json` files ([] when there are none).
+    """
+    _refuse_missing_folder(path_or_repo)
+    local = Path(path_or_repo)
+    if local.is_dir():
+        top = local / "config.json"
+        if top.is_file():
+            return read_json(top, fix=CONFIG_FIX).get(SUBFOLDERS_KEY)
+        return sorted(path.parent.name for path in local.glob("*/config.json"))
+    try:
+        top = hf_hub_download(str(path_or_repo), "config.json", revision=revision, token=token)
+    except EntryNotFoundError as error:
+        if isinstance(error, LocalEntryNotFoundError):  # offline, or the Hub is unreachable
+            raise
+        files = HfApi(token=token).list_repo_files(str(path_or_repo), revision=revision)
+        return sorted({file.split("/")[0] for file in files
+                       if file.count("/") == 1 and file.endswith("/config.json")})
+    return read_json(top, fix="re-push the SAE(s)").get(SUBFOLDERS_KEY)
+
+
 def load_saes(
     path_or_repo: str | Path, *, revision: str | None = None, token: str | None = None
 ) -> dict[str, DeepSAEModel]:
@@ -147,47 +208,68 @@ def load_saes(
     The keys are the hookpoints the SAEs were saved under, so the result goes straight to
     `splice(model, load_saes(repo))`.
     """
-    local = Path(path_or_repo)
-    if local.is_dir():
-        names = sorted(path.parent.name for path in local.glob("*/config.json"))
-    else:
-        files = HfApi(token=token).list_repo_files(str(path_or_repo), revision=revision)
-        names = sorted({file.split("/")[0] for file in files
-                        if file.count("/") == 1 and file.endswith("/config.json")})
+    names = sae_subfolders(path_or_repo, revision=revision, token=token)
     if not names:
         raise ValueError(
             f"{path_or_repo} has no SAE subfolders (no '<hookpoint>/config.json'); for a single "
             f"SAE use AutoModel.from_pretrained({str(path_or_repo)!r})"
         )
-    if local.is_dir():
-        return {name: DeepSAEModel.from_pretrained(local / name) for name in names}
-    return {
-        name: DeepSAEModel.from_pretrained(
-            str(path_or_repo), subfolder=name, revision=revision, token=token
-        )
-        for name in names
-    }
+    return {name: load_sae(path_or_repo, name, revision=revision, token=token) for name in names}
 
 
 def load_sae(path_or_repo: str | Path, subfolder: str | None = None, *,
              revision: str | None = None, token: str | None = None) -> DeepSAEModel:
-    """One SAE from a folder or Hub repo of either layout: a single SAE, or one per subfolder.
+    """One SAE from a folder, a Hub repo of either layout, or a named release.
 
     `subfolder` picks from a collection (`save_saes`, `push_saes_to_hub`, the trainer's output);
-    a local collection of one needs none. A missing path that can't be a repo id fails at once.
+    a collection of one needs none. For a release registered in `releases.yaml`
+    (`list_releases()`), `load_sae(release, sae_id)` resolves the repo, subfolder, revision and
+    format (sparsify and SAELens releases are converted). A missing path that can't be a repo id
+    fails at once.
     """
-    local = Path(path_or_repo)
-    if not local.exists() and not _could_be_repo_id(str(path_or_repo)):
-        raise ValueError(f"no SAE folder at {str(path_or_repo)!r} (and it is not a Hub repo id); "
-                         f"pass an SAE folder or a Hub repo id")
-    if subfolder is None and local.is_dir() and not (local / "config.json").is_file():
-        saes = load_saes(local)
-        if len(saes) > 1:
-            raise ValueError(f"{path_or_repo} holds {len(saes)} SAEs {sorted(saes)}; pick one "
-                             f"with subfolder= (--subfolder)")
-        return next(iter(saes.values()))
+    release = None if Path(path_or_repo).exists() else find_release(str(path_or_repo))
+    if release is not None:
+        return _load_release(release, subfolder, revision=revision, token=token)
+    _refuse_missing_folder(path_or_repo)
+    if subfolder is None:
+        names = sae_subfolders(path_or_repo, revision=revision, token=token)
+        if names == []:
+            raise ValueError(f"{path_or_repo} holds no SAE: no config.json in it or its subfolders")
+        if names is not None and len(names) > 1:
+            raise ValueError(f"{path_or_repo} holds {len(names)} SAEs {names}, one per hookpoint; "
+                             f"pick one with subfolder= (--subfolder)")
+        subfolder = names[0] if names else None
     return DeepSAEModel.from_pretrained(str(path_or_repo), subfolder=subfolder or "",
                                         revision=revision, token=token)
+
+
+def _load_release(release: Release, sae_id: str | None, *, revision: str | None,
+                  token: str | None) -> DeepSAEModel:
+    """The SAE `sae_id` of `release`, converted from its format; `revision` overrides the pin."""
+    subfolder, revision = release.subfolder(sae_id), revision or release.revision
+    if release.format == "sparsify":
+        return from_sparsify(release.repo_id, subfolder, revision=revision, token=token)
+    if release.format == "saelens":
+        return from_saelens(release.repo_id, subfolder, revision=revision, token=token)
+    return DeepSAEModel.from_pretrained(release.repo_id, subfolder=subfolder or "",
+                                        revision=revision, token=token)
+
+
+def _refuse_missing_folder(path_or_repo: str | Path) -> None:
+    """Fail at once on a missing folder that can't be a Hub repo, or is the trainer's default
+    output (asking the Hub for it would only fail, after half a minute of retries offline)."""
+    name = str(path_or_repo)
+    check_not_a_file(name)
+    if Path(name).exists():
+        return
+    from .training.config import TrainingConfig  # here: hf_deepsae.training imports this module
+
+    if name == TrainingConfig.output_dir:
+        raise ValueError(f"no SAE folder at {name!r}: train one with `accelerate launch "
+                         f"examples/train.py` (it saves there), or pass an SAE folder or Hub id")
+    if not _could_be_repo_id(name):
+        raise ValueError(f"no SAE folder at {name!r} (and it is not a Hub repo id); pass an SAE "
+                         f"folder or a Hub repo id")
 
 
 def _could_be_repo_id(name: str) -> bool:
@@ -196,6 +278,22 @@ def _could_be_repo_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def _write_folder_config(folder: Path, names: list[str]) -> None:
+    """The top of a folder of SAEs: their modeling code and a config.json listing them.
+
+    transformers resolves `auto_map` code at the top of a folder or repo even when loading from a
+    subfolder, so `AutoModel.from_pretrained(folder, subfolder=..., trust_remote_code=True)` needs
+    the code there; the config.json (`SUBFOLDERS_KEY`) turns `from_pretrained(folder)` into an
+    error naming the subfolders, with or without hf_deepsae installed.
+    """
+    first = folder / names[0]
+    for code in first.glob("*.py"):
+        shutil.copyfile(code, folder / code.name)
+    auto_map = read_json(first / "config.json", fix="re-save the SAEs")["auto_map"]
+    atomic_write_json(folder / "config.json", {
+        "model_type": DeepSAEConfig.model_type, "auto_map": auto_map, SUBFOLDERS_KEY: names})
 
 
 def _check_subfolders(saes: Mapping[str, DeepSAEModel]) -> None:
@@ -265,3 +363,12 @@ def _write_density_plot(density_plot: DensityPlot, path: Path) -> None:
         plot_feature_density(density_plot, path)
     else:
         shutil.copyfile(density_plot, path)
+
+
+def _check_density_plot(density_plot: DensityPlot) -> None:
+    """Before anything is written: densities to draw, or an image that exists."""
+    if isinstance(density_plot, torch.Tensor):
+        check_feature_density(density_plot)
+    elif not Path(density_plot).is_file():
+        raise FileFormatError(density_plot, "the density plot to copy does not exist",
+                              "pass an existing image, or the feature densities as a tensor")

@@ -10,18 +10,22 @@ doesn't record are said to be unrecorded.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 from .configuration_deepsae import DeepSAEConfig
 from .modeling_deepsae import DeepSAEModel
+from .provenance import (
+    install_command,
+    is_hub_id,
+    public_value,
+    training_corpus,
+    training_record,
+)
 
 DEFAULT_LICENSE = "apache-2.0"
 
@@ -92,9 +96,6 @@ METRICS: dict[str, tuple[str, str]] = {
 # Counts and baselines, not results of the SAE: shown in the table, kept out of the model-index.
 _NOT_RESULTS = ("n_tokens", "train_tokens", "nonfinite_rows_skipped", "first_letter_probe_f1",
                 "sparse_probing_llm_accuracy")
-# Where the trainer (hf_deepsae.training) and other tools record tokens and data.
-_TOKEN_KEYS = ("train_tokens", "num_tokens", "total_tokens", "max_tokens", "n_tokens")
-_DATASET_KEYS = ("dataset", "dataset_name", "datasets", "dataset_path")
 _SPARSITY_WORDS = {
     "topk": "TopK keeps the {k} largest pre-activations of each token (after a ReLU) and zeroes "
             "the rest",
@@ -186,15 +187,16 @@ def _architecture_rows(sae: DeepSAEModel) -> list[tuple[str, str]]:
 
 
 def _flat(record: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A record's scalar entries; nested dicts are flattened (`optimizer.lr`), lists joined."""
+    """A record's scalar entries; nested dicts are flattened (`optimizer.lr`), lists joined,
+    local paths reduced to their names."""
     flat: dict[str, Any] = {}
     for key, value in (record or {}).items():
         if isinstance(value, Mapping):
             flat.update({f"{key}.{inner}": v for inner, v in _flat(value).items()})
         elif isinstance(value, list | tuple):
-            flat[key] = ", ".join(map(str, value))
+            flat[key] = ", ".join(str(public_value(item)) for item in value)
         elif value is not None:
-            flat[key] = value
+            flat[key] = public_value(value)
     return flat
 
 
@@ -205,7 +207,7 @@ def _format(key: str, value: Any) -> str:
         return f"{value:,}"
     if not math.isfinite(value):
         return "n/a"
-    return f"{value:.2%}" if key.endswith("_fraction") else f"{value:.4g}"
+    return f"{value:.2%}" if "fraction" in key.split("_") else f"{value:.4g}"
 
 
 def _metrics(config: DeepSAEConfig) -> dict[str, float]:
@@ -217,41 +219,8 @@ def _metrics(config: DeepSAEConfig) -> dict[str, float]:
     return metrics
 
 
-def _training(config: DeepSAEConfig) -> tuple[int | None, str | None, list[str]]:
-    """Tokens trained on, the data in words, and the Hub datasets among it.
-
-    Read from `config.metrics["train_tokens"]` (what the trainer actually used) and
-    `config.training_config`. A dataset name next to `data_files` is a builder such as `text`.
-    """
-    record = config.training_config or {}
-    counts = {"train_tokens": (config.metrics or {}).get("train_tokens"), **record}
-    tokens = next((counts[key] for key in _TOKEN_KEYS if isinstance(counts.get(key), int)), None)
-    datasets: list[str] = []
-    for key in _DATASET_KEYS:
-        value = record.get(key)
-        datasets += [value] if isinstance(value, str) else list(value or [])
-    files = record.get("data_files")
-    if files:
-        files = [files] if isinstance(files, str) else [str(file) for file in files]
-        shown = ", ".join(Path(file).name for file in files[:3]) + (", …" if len(files) > 3 else "")
-        return tokens, f"local {datasets[0] if datasets else 'data'} files ({shown})", []
-    words = ", ".join(f"`{dataset}`" for dataset in datasets) or None
-    return tokens, words, [dataset for dataset in datasets if _is_hub_id(dataset)]
-
-
-def _is_hub_id(name: str | None) -> bool:
-    """Whether `name` can be metadata (`base_model`, `datasets`): a Hub id, not a local path."""
-    if not name or os.path.exists(name) or name.startswith((".", "~")):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _eval_results(config: DeepSAEConfig, dataset: str, hookpoint: str | None = None
-                  ) -> list[EvalResult]:
+def _eval_results(config: DeepSAEConfig, hookpoint: str | None = None) -> list[EvalResult]:
+    dataset = training_corpus(config).index_name
     results = []
     for key, value in _metrics(config).items():
         if key in _NOT_RESULTS or not math.isfinite(value):
@@ -269,16 +238,15 @@ def _eval_results(config: DeepSAEConfig, dataset: str, hookpoint: str | None = N
 def _card_data(configs: Mapping[str, DeepSAEConfig], model_name: str, license: str,
                per_hookpoint: bool) -> ModelCardData:
     base_models = sorted({c.base_model_name_or_path for c in configs.values()
-                          if _is_hub_id(c.base_model_name_or_path)})
-    datasets = sorted({d for c in configs.values() for d in _training(c)[2]})
+                          if is_hub_id(c.base_model_name_or_path)})
+    datasets = sorted({d for c in configs.values() for d in training_corpus(c).hub_datasets})
     tags = ["sparse-autoencoder", "interpretability"]
     for config in configs.values():
         architecture = config.architecture
         tags += [architecture if config.transcoder else f"{architecture}-sae", config.sparsity]
     eval_results = [
         result for name, config in configs.items()
-        for result in _eval_results(config, (datasets or ["activations"])[0],
-                                    name if per_hookpoint else None)
+        for result in _eval_results(config, name if per_hookpoint else None)
     ]
     return ModelCardData(
         library_name="hf_deepsae", license=license, tags=list(dict.fromkeys(tags)),
@@ -315,7 +283,8 @@ def sae_card(sae: DeepSAEModel, *, repo_id: str, subfolder: str | None = None,
     """
     config = sae.config
     base = config.base_model_name_or_path
-    tokens, data, _ = _training(config)
+    tokens, data = training_corpus(config)[:2]
+    weights = (config.training_config or {}).get("model_weights")
     metrics = _metrics(config)
     noun = "transcoder" if config.transcoder else "SAE"
     title = f"{_TITLES[config.architecture.removesuffix('-transcoder')]} {noun}"
@@ -329,7 +298,8 @@ def sae_card(sae: DeepSAEModel, *, repo_id: str, subfolder: str | None = None,
     trained_on = (f"{tokens:,} tokens" if tokens else "an unrecorded number of tokens") + (
         f" of {data}" if data else "")
     facts = [
-        ("Base model", f"`{base}`" if base else "unrecorded"),
+        ("Base model", (f"`{public_value(base)}`" if base else "unrecorded")
+         + (f" (weights: {weights})" if weights else "")),
         ("Hookpoint", _where(config)),
         ("Layer", "unrecorded" if config.layer is None else str(config.layer)),
         ("Latents", f"{config.n_total_latents:,}"),
@@ -339,7 +309,7 @@ def sae_card(sae: DeepSAEModel, *, repo_id: str, subfolder: str | None = None,
          if key in metrics]
     summary = (f"A sparse autoencoder made with hf_deepsae: {config.n_total_latents:,} latents "
                f"({config.architecture}, {config.sparsity}) reading {_where(config)} of "
-               f"{f'`{base}`' if base else 'its language model'}.")
+               f"{f'`{public_value(base)}`' if base else 'its language model'}.")
     if config.transcoder:
         summary = summary.replace("A sparse autoencoder", "A transcoder")
     training_words = (f"Trained on {trained_on}." if config.training_config else
@@ -352,13 +322,14 @@ def sae_card(sae: DeepSAEModel, *, repo_id: str, subfolder: str | None = None,
         architecture_words=describe_architecture(config),
         architecture_rows=_architecture_rows(sae), training_words=training_words,
         training_rows=[(key, _format(key, value)) for key, value in
-                       _flat(config.training_config).items()],
+                       _flat(training_record(config)).items()],
         metric_rows=[(METRICS.get(key, (key, ""))[0], _format(key, value),
                       METRICS.get(key, ("", ""))[1]) for key, value in metrics.items()],
         density_plot=density_plot, repo_id=repo_id, d_in=config.d_in,
         subfolder_arg=f', subfolder="{subfolder}"' if subfolder else "",
         target_arg=f", target=torch.randn(8, {d_out})" if config.transcoder else "",
         hookpoint_words=_where(config), base_model=base or "<base model>",
+        install_command=install_command(),
         splice_target="sae" if config.hookpoint or config.layer is not None
         else '{"<module path>": sae}',
     )
@@ -383,13 +354,28 @@ def collection_card(saes: Mapping[str, DeepSAEModel], *, repo_id: str,
         if config.sparsity == "topk":
             rows[-1]["l0"] = str(config.n_stacked * config.k)
     model_name = repo_id.rstrip("/").split("/")[-1]
-    of = f" for {', '.join(f'`{b}`' for b in bases)}" if bases else ""
+    of = f" for {', '.join(f'`{public_value(b)}`' for b in bases)}" if bases else ""
+    noun = ("transcoder" if all(c.transcoder for c in configs.values())
+            else "sparse autoencoder") + ("s" if len(saes) > 1 else "")
     return _render(
         "sae_collection.md",
         card_data=_card_data(configs, model_name, license, True).to_yaml(),
-        title=f"{len(saes)} sparse autoencoders{of}",
-        summary=f"Sparse autoencoders made with hf_deepsae, one per hookpoint{of}, trained "
-                f"together. Each lives in its own subfolder.",
+        title=f"{len(saes)} {noun}{of}",
+        summary=(f"{noun[0].upper()}{noun[1:]} made with hf_deepsae{of}, one per hookpoint, "
+                 f"trained together. Each lives in its own subfolder." if len(saes) > 1 else
+                 f"A {noun} made with hf_deepsae{of}, in the subfolder named after its hookpoint."),
         rows=rows, repo_id=repo_id, first_subfolder=next(iter(configs)),
-        base_model=bases[0] if bases else "<base model>",
+        base_model=bases[0] if bases else "<base model>", release_name=model_name,
+        install_command=install_command(),
+        sae_ids=release_ids(configs),
     )
+
+
+def release_ids(configs: Mapping[str, DeepSAEConfig]) -> dict[str, str]:
+    """Short SAE ids for a release entry (`layer_6`, `layer_6_transcoder`) -> subfolder.
+
+    Falls back to the subfolder names when layers are unknown or two SAEs share an id.
+    """
+    ids = {(f"layer_{config.layer}" + ("_transcoder" if config.transcoder else "")
+            if config.layer is not None else name): name for name, config in configs.items()}
+    return ids if len(ids) == len(configs) else {name: name for name in configs}

@@ -25,6 +25,8 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .configuration_deepsae import DeepSAEConfig
+from .files import FileFormatError, chmod_as_new_file
+from .integrity import CheckpointFiles, nonfinite_tensors, record_weights_checksums
 from .pre_activation_std import gram_pre_act_std, mean_row_std
 from .sparsity import (
     SPARSITY_CLASSES,
@@ -52,7 +54,8 @@ class DeepSAEOutput(ModelOutput):
         reconstruction: `[..., d_out]`, the SAE's estimate of the target.
         latent_acts: `[..., n_stacked * k]` values for `topk`; dense `[..., n_total_latents]` else.
         latent_indices: `[..., n_stacked * k]` global latent ids for `topk`; `None` else.
-        fvu: fraction of variance unexplained, `Σ‖x̂ - y‖² / Σ‖y - ȳ‖²` over the batch.
+        fvu: fraction of variance unexplained, `Σ‖x̂ - y‖² / Σ‖y - ȳ‖²` over the batch; NaN when
+            the targets have no variance (one row, or identical rows), where FVU is undefined.
         aux_loss: AuxK loss of dead latents on the residual error (0 without a `dead_mask`).
         pre_act_std: mean over rows of the std of the encoder pre-activations across latents.
         loss: `fvu + auxk_coefficient·aux_loss + std_coefficient·pre_act_std` + the L1/L0 penalty.
@@ -157,6 +160,14 @@ class SparseStage(nn.Module):
         decoded = first_layer if self.decoder_mlp is None else self.decoder_mlp(first_layer)
         return decoded + self.b_dec
 
+    def top_latents(self, scores: torch.Tensor, k: int,
+                    among: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids of the k largest `scores` (`[B, n_latents]`) per row, optionally only `among` the
+        latents a `[n_latents]` bool mask allows (AuxK's dead latents); no gradient."""
+        if among is not None:
+            scores = scores.masked_fill(~among, -torch.inf)
+        return topk_select(scores, k)
+
     def select(self, hidden: torch.Tensor, pre_acts: torch.Tensor,
                indices: torch.Tensor) -> torch.Tensor:
         """Pre-activations at `indices`, differentiable whichever way `pre_acts` was computed."""
@@ -187,7 +198,11 @@ class DeepSAEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and self.config.initializer_range is not None:
+            init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -204,6 +219,8 @@ class DeepSAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DeepSAEModel):
             init.ones_(module.input_scale)
             init.ones_(module.output_scale)
+            if module.W_skip is not None:
+                init.zeros_(module.W_skip)  # start as a plain transcoder
 
     @staticmethod
     def _init_stage(stage: SparseStage) -> None:
@@ -224,19 +241,26 @@ class DeepSAEPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, but a checkpoint that doesn't match is an error.
 
         transformers only warns about missing or unexpected weights and re-initialises them; for an
-        SAE that silently yields a random model, so here they fail with the offending names.
+        SAE that silently yields a random model, so here they fail with the offending names. The
+        weights files must match the checksums `save_pretrained` recorded, and hold no NaN or inf
+        (see `integrity.py`).
         """
         wants_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        files = None
+        if pretrained_model_name_or_path is not None:
+            files = CheckpointFiles(pretrained_model_name_or_path, kwargs)
+            files.check_before_loading()
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True,
                 ignore_mismatched_sizes=True, **kwargs
             )
         except SafetensorError as error:
-            raise ValueError(
-                f"the safetensors file of {pretrained_model_name_or_path} is corrupt or truncated "
-                f"({error}); re-save or re-download the checkpoint"
+            raise FileFormatError(
+                files.weights_location if files else str(pretrained_model_name_or_path),
+                f"not a readable safetensors file ({error}); it is corrupt or truncated",
+                "re-save or re-download the checkpoint"
             ) from error
         problems = {
             "missing": sorted(map(str, info.get("missing_keys") or [])),
@@ -250,7 +274,27 @@ class DeepSAEPreTrainedModel(PreTrainedModel):
                 f"the weights in {pretrained_model_name_or_path} don't match its config "
                 f"({problems}); the checkpoint is corrupt or its config.json was edited: re-save it"
             )
+        if files is not None:
+            files.check_loaded(model)
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, refusing NaN/inf weights (they would never load
+        again), then recording the weights files' SHA-256 in config.json for `from_pretrained`."""
+        nonfinite = self.nonfinite_weights()
+        if nonfinite:
+            raise ValueError(f"tensors {nonfinite} of this SAE hold NaN or inf values, so no "
+                             f"checkpoint of it would load; it diverged: save an earlier state")
+        super().save_pretrained(save_directory, *args, **kwargs)
+        for weights in Path(save_directory).glob("*.safetensors"):
+            chmod_as_new_file(weights)  # safetensors >= 0.8 writes 0600 files (safetensors#782)
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+        if is_main_process and (Path(save_directory) / "config.json").is_file():
+            record_weights_checksums(save_directory, kwargs.get("variant"))
+
+    def nonfinite_weights(self) -> list[str]:
+        """Names of the parameters and buffers holding NaN or inf (empty for a healthy SAE)."""
+        return nonfinite_tensors(self)
 
 
 class DeepSAEModel(DeepSAEPreTrainedModel):
@@ -267,6 +311,8 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
     def __init__(self, config: DeepSAEConfig) -> None:
         super().__init__(config)
         self.stages = nn.ModuleList(SparseStage(config) for _ in range(config.n_stacked))
+        self.W_skip = (nn.Parameter(torch.empty(config.d_out, config.d_in))
+                       if config.skip_connection else None)
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("output_scale", torch.ones(()))
         self.post_init()
@@ -288,12 +334,23 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
             )
         return self.stages[0]
 
-    def _check_activations(self, x: torch.Tensor, name: str, width: int) -> None:
+    def _check_tensor(self, x: Any, name: str, shape: str, floating: bool = True) -> None:
+        """`x` is a tensor on this SAE's device, floating point (or integer, if not `floating`)."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape [..., {width}], got {type(x)}")
-        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x)}")
+        if floating and not x.is_floating_point():
             raise TypeError(f"{name} must be floating point (fp32/bf16/fp16), got {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] != width:
+        if not floating and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+            raise TypeError(f"{name} must hold integer latent ids (int64), got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but the SAE is on {self.device}; move one "
+                             f"of them (e.g. {name}.to(sae.device))")
+        if x.dim() == 0:
+            raise ValueError(f"{name} must have shape {shape}, got a 0-d tensor")
+
+    def _check_activations(self, x: torch.Tensor, name: str, width: int) -> None:
+        self._check_tensor(x, name, f"[..., {width}]")
+        if x.shape[-1] != width:
             raise ValueError(
                 f"{name} must have shape [..., {width}] (this SAE's "
                 f"{'d_in' if name == 'x' else 'd_out'}), got {tuple(x.shape)}"
@@ -341,16 +398,22 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         config = self.config
         if config.transcoder and target is None:
             raise ValueError("a transcoder needs target= (the MLP output it predicts)")
-        leading_shape = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
         inputs = self._prepare(x, "x", config.d_in, self.input_scale)
+        leading_shape = x.shape[:-1]
         targets = inputs if target is None else self._prepare(
             target, "target", config.d_out, self.output_scale)
-        results = self._run_stages(inputs)
-        reconstruction = sum(result.reconstruction for result in results)
-        error = reconstruction - targets
-        fvu = error.float().pow(2).sum() / _total_variance(targets)
-        aux_loss = self._auxk_loss(results, error.detach(), dead_mask)
+        if target is not None and target.shape[:-1] != leading_shape:
+            raise ValueError(f"target {tuple(target.shape)} must have the leading shape of x "
+                             f"{tuple(x.shape)}: one target row per input row")
         std_weight = config.std_coefficient if std_coefficient is None else std_coefficient
+        if isinstance(std_weight, bool) or not isinstance(std_weight, int | float) \
+                or not math.isfinite(std_weight) or std_weight < 0:
+            raise ValueError(f"std_coefficient={std_weight!r} must be a finite number >= 0")
+        results = self._run_stages(inputs)
+        reconstruction = sum(result.reconstruction for result in results) + self._skip(inputs)
+        error = reconstruction - targets
+        fvu = _fraction_unexplained(error.float().pow(2).sum(), targets, undefined=math.nan)
+        aux_loss = self._auxk_loss(results, error.detach(), dead_mask)
         pre_act_std = torch.stack([
             stage.pre_act_std(result.hidden, result.pre_acts, differentiable=std_weight > 0)
             for stage, result in zip(self.stages, results, strict=True)
@@ -359,12 +422,16 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         loss = loss + self._sparsity_penalty(results)
         latents = self._gather_latents(results)
         return DeepSAEOutput(
-            reconstruction=(reconstruction / self.output_scale).reshape(*leading_shape, -1),
-            latent_acts=latents.latent_acts.reshape(*leading_shape, -1),
+            reconstruction=_unflatten(reconstruction / self.output_scale, leading_shape),
+            latent_acts=_unflatten(latents.latent_acts, leading_shape),
             latent_indices=None if latents.latent_indices is None
-            else latents.latent_indices.reshape(*leading_shape, -1),
+            else _unflatten(latents.latent_indices, leading_shape),
             fvu=fvu, aux_loss=aux_loss, pre_act_std=pre_act_std, loss=loss,
         )
+
+    def _skip(self, inputs: torch.Tensor) -> torch.Tensor | float:
+        """`W_skip x` of a skip transcoder on scaled `[B, d_in]` inputs; 0 without one."""
+        return 0.0 if self.W_skip is None else inputs.to(self.W_skip.dtype) @ self.W_skip.T
 
     def _auxk_loss(self, results: list[_StageResult], error: torch.Tensor,
                    dead_mask: torch.Tensor | None) -> torch.Tensor:
@@ -372,7 +439,10 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         zero = error.new_zeros((), dtype=torch.float32)
         if dead_mask is None or self.config.sparsity not in ("topk", "batchtopk"):
             return zero
-        dead_mask = dead_mask.to(error.device, torch.bool)
+        if not isinstance(dead_mask, torch.Tensor) or dead_mask.dtype != torch.bool:
+            raise TypeError(f"dead_mask must be a bool tensor of shape "
+                            f"[{self.config.n_total_latents}], got {dead_mask!r:.80}")
+        dead_mask = dead_mask.to(error.device)
         if dead_mask.shape != (self.config.n_total_latents,):
             raise ValueError(f"dead_mask must have shape [{self.config.n_total_latents}], "
                              f"got {tuple(dead_mask.shape)}")
@@ -386,12 +456,12 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
             k_aux = min(self.config.k_aux, int(stage_dead.sum()))
             if k_aux == 0:
                 continue
-            masked = result.pre_acts.detach().masked_fill(~stage_dead, -torch.inf)
-            indices = topk_select(masked, k_aux)
+            indices = stage.top_latents(result.pre_acts.detach(), k_aux, among=stage_dead)
             values = F.relu(stage.select(result.hidden, result.pre_acts, indices))
             aux_reconstruction = aux_reconstruction + stage.decode_delta(values, indices)
         scale = min(num_dead / self.config.k_aux, 1.0)
-        return scale * (aux_reconstruction - error).float().pow(2).sum() / _total_variance(error)
+        return scale * _fraction_unexplained((aux_reconstruction - error).float().pow(2).sum(),
+                                             error, undefined=0.0)
 
     def _sparsity_penalty(self, results: list[_StageResult]) -> torch.Tensor:
         """L1 (weighted by decoder norms when linear) for `relu`; the L0 estimate for `jumprelu`."""
@@ -408,13 +478,12 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
 
     def encode(self, x: torch.Tensor) -> SparseLatents:
         """Sparse latents of `x` (`[..., d_in]`); global ids across stacked stages."""
-        leading_shape = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
-        latents = self._gather_latents(
-            self._run_stages(self._prepare(x, "x", self.config.d_in, self.input_scale)))
+        inputs = self._prepare(x, "x", self.config.d_in, self.input_scale)
+        latents = self._gather_latents(self._run_stages(inputs))
         return SparseLatents(
-            latents.latent_acts.reshape(*leading_shape, -1),
+            _unflatten(latents.latent_acts, x.shape[:-1]),
             None if latents.latent_indices is None
-            else latents.latent_indices.reshape(*leading_shape, -1),
+            else _unflatten(latents.latent_indices, x.shape[:-1]),
         )
 
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -424,6 +493,7 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
     def densify(self, latent_acts: torch.Tensor,
                 latent_indices: torch.Tensor | None) -> torch.Tensor:
         """Scatter sparse (value, global id) pairs into a dense `[..., n_total_latents]` tensor."""
+        self._check_latents(latent_acts, latent_indices)
         if latent_indices is None:
             return latent_acts
         dense = latent_acts.new_zeros(*latent_acts.shape[:-1], self.config.n_total_latents)
@@ -440,23 +510,19 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         decoder it is exactly the row `W_dec[i]`, whatever `a`; for a deep decoder it depends on
         the activation `a` it is taken at (1 by default; a latent's typical value is a better
         choice), so metrics built on it describe the decoder only near that value. `activation`
-        is one non-zero value for all latents or one per requested latent (`[m]`). Latents of
+        is one finite non-zero value for all latents or one per requested latent (`[m]`). Latents of
         stacked stages use their own stage's decoder.
         """
         n_latents = self.config.n_latents
         if latent_indices is None:
             latent_indices = torch.arange(self.config.n_total_latents, device=self.device)
-        ids = latent_indices.reshape(-1).to(self.device)
-        out_of_range = (ids < 0) | (ids >= self.config.n_total_latents)
-        if out_of_range.any():
-            raise ValueError(f"latent ids must lie in [0, {self.config.n_total_latents}), got "
-                             f"{ids[out_of_range].tolist()[:8]}")
-        activations = torch.as_tensor(activation, dtype=self.dtype, device=self.device)
-        if activations.numel() not in (1, ids.numel()) or (activations == 0).any():
-            raise ValueError(f"activation must be one non-zero value or one per latent "
-                             f"({ids.numel()}), got shape {tuple(activations.shape)} with "
-                             f"{int((activations == 0).sum())} zeros")
-        activations = activations.reshape(-1).expand(ids.numel())
+        elif isinstance(latent_indices, torch.Tensor):
+            latent_indices = latent_indices.to(self.device)
+        self._check_latent_ids(latent_indices)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r} must be a positive int")
+        ids = latent_indices.reshape(-1)
+        activations = self._direction_activations(activation, ids.numel())
         directions = torch.empty(ids.numel(), self.config.d_out, dtype=self.dtype,
                                  device=self.device)
         for start in range(0, ids.numel(), block_size):
@@ -472,21 +538,22 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
                     stage.decode_delta(values, local) / values)
         return directions / self.output_scale
 
-    def decode(self, latent_acts: torch.Tensor,
-               latent_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction `[..., d_out]` from sparse (values, global ids) or dense latents."""
+    def decode(self, latent_acts: torch.Tensor, latent_indices: torch.Tensor | None = None, *,
+               x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction `[..., d_out]` from sparse (values, global ids) or dense latents.
+
+        Args:
+            x: `[..., d_in]` the input the latents were encoded from. A skip transcoder's output is
+                the latents' decoding plus `W_skip x`: pass `x` to get it; without `x` the result
+                is what the latents alone decode to (as `latent_directions` describes them).
+        """
+        self._check_latents(latent_acts, latent_indices)
         n_latents = self.config.n_latents
         leading_shape = latent_acts.shape[:-1]
         acts = latent_acts.reshape(-1, latent_acts.shape[-1])
         if latent_indices is None:
-            if acts.shape[-1] != self.config.n_total_latents:
-                raise ValueError(f"dense latents must have shape [..., "
-                                 f"{self.config.n_total_latents}], got {tuple(latent_acts.shape)}")
             chunks = [(chunk, None) for chunk in acts.split(n_latents, dim=-1)]
         else:
-            if latent_indices.shape != latent_acts.shape:
-                raise ValueError(f"latent_indices {tuple(latent_indices.shape)} must match "
-                                 f"latent_acts {tuple(latent_acts.shape)}")
             indices = latent_indices.reshape(acts.shape)
             stage_of = torch.div(indices, n_latents, rounding_mode="floor")
             chunks = [(acts * (stage_of == i), (indices - i * n_latents).clamp(0, n_latents - 1))
@@ -494,7 +561,51 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         reconstruction = sum(stage.decode(chunk_acts, chunk_indices)
                              for stage, (chunk_acts, chunk_indices) in zip(self.stages, chunks,
                                                                            strict=True))
-        return (reconstruction / self.output_scale).reshape(*leading_shape, -1)
+        if x is not None and self.W_skip is not None:
+            skip = self._skip(self._prepare(x, "x", self.config.d_in, self.input_scale))
+            reconstruction = reconstruction + skip.reshape(reconstruction.shape)
+        return _unflatten(reconstruction / self.output_scale, leading_shape)
+
+    def _check_latents(self, latent_acts: torch.Tensor, latent_indices: torch.Tensor | None
+                       ) -> None:
+        """Values (and ids) as `encode` returns them, or dense `[..., n_total_latents]` latents."""
+        total = self.config.n_total_latents
+        if latent_indices is None:
+            self._check_tensor(latent_acts, "latent_acts", f"[..., {total}] (dense latents)")
+            if latent_acts.shape[-1] != total:
+                raise ValueError(f"dense latents must have shape [..., {total}], got "
+                                 f"{tuple(latent_acts.shape)}; pass latent_indices with sparse "
+                                 f"latents")
+            return
+        self._check_tensor(latent_acts, "latent_acts", "[..., k]")
+        self._check_latent_ids(latent_indices)
+        if latent_indices.shape != latent_acts.shape:
+            raise ValueError(f"latent_indices {tuple(latent_indices.shape)} must match "
+                             f"latent_acts {tuple(latent_acts.shape)}")
+
+    def _direction_activations(self, activation: float | torch.Tensor, n: int) -> torch.Tensor:
+        """`[n]` finite non-zero latent values that `latent_directions` takes directions at."""
+        if isinstance(activation, bool) or not isinstance(activation, int | float | torch.Tensor):
+            raise ValueError(f"activation={activation!r} must be a number or a tensor of one "
+                             f"value per latent")
+        activations = torch.as_tensor(activation, dtype=self.dtype, device=self.device)
+        if activations.numel() not in (1, n) or activations.is_complex() \
+                or not torch.isfinite(activations).all() or (activations == 0).any():
+            raise ValueError(f"activation must be one finite non-zero number or one per latent "
+                             f"({n}), got shape {tuple(activations.shape)} with "
+                             f"{int((activations == 0).sum())} zeros and "
+                             f"{int((~torch.isfinite(activations)).sum())} non-finite values "
+                             f"(the latent values the directions are taken at)")
+        return activations.reshape(-1).expand(n)
+
+    def _check_latent_ids(self, latent_indices: torch.Tensor) -> None:
+        """Integer global latent ids in `[0, n_total_latents)`: others would decode to nothing."""
+        total = self.config.n_total_latents
+        self._check_tensor(latent_indices, "latent_indices", "[..., k]", floating=False)
+        out_of_range = (latent_indices < 0) | (latent_indices >= total)
+        if out_of_range.any():
+            raise ValueError(f"latent ids must lie in [0, {total}), got "
+                             f"{latent_indices[out_of_range].unique().tolist()[:8]}")
 
     @torch.no_grad()
     def initialize_from_activations(self, x: torch.Tensor, target: torch.Tensor | None = None
@@ -508,6 +619,13 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         self._check_activations(x, "x", self.config.d_in)
         self._check_activations(target, "target", self.config.d_out)
         x, target = x.reshape(-1, self.config.d_in).float(), target.reshape(-1, self.config.d_out)
+        if x.shape[0] == 0 or x.shape[0] != target.shape[0]:
+            raise ValueError(f"initialize_from_activations needs rows of activations (and as many "
+                             f"target rows), got {x.shape[0]} and {target.shape[0]}")
+        if self.config.normalize_input and (x.norm(dim=-1).mean() == 0
+                                            or target.float().norm(dim=-1).mean() == 0):
+            raise ValueError("the activations are all zero, so no input scale can be fitted "
+                             "(normalize_input=True); pass real activations")
         if self.config.normalize_input:
             self.input_scale.fill_(self.config.d_in ** 0.5 / x.norm(dim=-1).mean().clamp_min(1e-8))
             self.output_scale.fill_(
@@ -545,10 +663,28 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         return [stage for stage in self.stages if stage.decoder_mlp is None]
 
 
-def _total_variance(values: torch.Tensor) -> torch.Tensor:
-    """`Σ‖y - ȳ‖²` over rows, in fp32, floored so a constant batch doesn't divide by zero."""
+VARIANCE_RESOLUTION = (64 * torch.finfo(torch.float32).eps) ** 2
+"""A total variance below this fraction of `Σ‖y‖²` is rounding error of the mean, not variance."""
+
+
+def _fraction_unexplained(squared_error: torch.Tensor, values: torch.Tensor,
+                          undefined: float) -> torch.Tensor:
+    """`squared_error / Σ‖y - ȳ‖²` over the rows of `values`, in fp32.
+
+    Without variance (one row, or identical rows: a variance within fp32 rounding of the mean)
+    the ratio is undefined and `undefined` is returned, not a huge number from a floored
+    denominator; the gradient is then zero.
+    """
     values = values.float()
-    return (values - values.mean(0)).pow(2).sum().clamp_min(1e-12)
+    variance = (values - values.mean(0)).pow(2).sum() if values.shape[0] else values.new_zeros(())
+    has_variance = variance > VARIANCE_RESOLUTION * values.pow(2).sum()
+    ratio = squared_error / torch.where(has_variance, variance, torch.ones_like(variance))
+    return torch.where(has_variance, ratio, torch.full_like(ratio, undefined))
+
+
+def _unflatten(rows: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
+    """`[N, width]` rows back to `[*leading_shape, width]` (also for N = 0)."""
+    return rows.reshape(*leading_shape, rows.shape[-1])
 
 
 DeepSAEConfig.register_for_auto_class()

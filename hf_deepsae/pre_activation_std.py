@@ -47,20 +47,27 @@ def mean_row_std(values: torch.Tensor) -> torch.Tensor:
 
 
 def gram_pre_act_std(hidden: torch.Tensor, encoder: nn.Linear) -> torch.Tensor:
-    """Differentiable `encoder(hidden).std(-1).mean()` without forming `encoder(hidden)`.
+    """Differentiable `encoder(hidden).std(-1).mean()` without forming `encoder(hidden)`."""
+    return std_from_row_moments(gram_row_moments(hidden, encoder), encoder.weight.shape[0])
 
-    With `W` `[n, d]` and `b` `[n]`, a row's mean is `h·mean(W) + mean(b)` and its second moment
-    `hᵀ(WᵀW/n)h + 2h·(Wᵀb/n) + b·b/n`; gradients reach `W`, `b` and `h` through these in
-    O(n·d² + B·d²).
+
+def gram_row_moments(hidden: torch.Tensor, encoder: nn.Linear) -> torch.Tensor:
+    """`[2, B]`: each row's sum and sum of squares of `encoder(hidden)` over the latents (fp32).
+
+    With `W` `[n, d]` and `b` `[n]`, a row's sum is `h·Σ_i W_i + Σ_i b_i` and its sum of squares
+    `hᵀ(WᵀW)h + 2h·(Wᵀb) + b·b`; gradients reach `W`, `b` and `h` through these in
+    O(n·d² + B·d²). Sums over latents, so the moments of latent blocks (shards) add up.
     """
     weight, bias = encoder.weight.float(), encoder.bias.float()
     hidden = hidden.float()
-    n = weight.shape[0]
-    mean = hidden @ weight.mean(0) + bias.mean()
-    second_moment = (
-        ((hidden @ (weight.T @ weight / n)) * hidden).sum(-1)
-        + 2 * hidden @ (weight.T @ bias / n)
-        + bias.dot(bias) / n
-    )
-    variance = (second_moment - mean.pow(2)).clamp_min(0) * n / (n - 1)
+    sums = hidden @ weight.sum(0) + bias.sum()
+    squares = (((hidden @ (weight.T @ weight)) * hidden).sum(-1)
+               + 2 * hidden @ (weight.T @ bias) + bias.dot(bias))
+    return torch.stack([sums, squares])
+
+
+def std_from_row_moments(moments: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean over rows of the std across `n` latents, from `gram_row_moments`' `[2, B]`."""
+    mean = moments[0] / n
+    variance = (moments[1] - n * mean.pow(2)).clamp_min(0) / (n - 1)
     return variance.add(1e-12).sqrt().mean()

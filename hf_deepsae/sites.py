@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, NamedTuple
 
@@ -158,6 +159,12 @@ def _find_layer_sites(model: nn.Module) -> list[_LayerSites]:
     )
 
 
+def check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got "
+                        f"{type(model).__name__}")
+
+
 def find_mlp_sites(model: nn.Module) -> dict[int, str]:
     """Layer index → path of the module whose output is that layer's MLP output.
 
@@ -166,6 +173,7 @@ def find_mlp_sites(model: nn.Module) -> dict[int, str]:
     named like an MLP (`MLP_NAMES`) and that child's last hidden-width Linear (the whole child for
     mixture-of-experts blocks). Raises `ValueError` listing candidate modules when nothing fits.
     """
+    check_model(model)
     return {i: sites.mlp_output for i, sites in enumerate(_find_layer_sites(model))}
 
 
@@ -262,12 +270,70 @@ def attach_hook(module: nn.Module, side: str,
     return module.register_forward_hook(post_hook, with_kwargs=True)
 
 
+def check_token_batch(input_ids: Any, attention_mask: Any = None) -> None:
+    """`input_ids` is an integer `[batch, seq]` tensor and `attention_mask` (if any) matches it."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
+            or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor of token ids [batch, seq], got "
+                         f"{describe_value(input_ids)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty ({tuple(input_ids.shape)}); pass at least one token")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids "
+                         f"{tuple(input_ids.shape)}, got {describe_value(attention_mask)}")
+
+
+def describe_value(value: Any) -> str:
+    """`value` for an error message: a tensor's dtype and shape, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def unflatten_tokens(tensor: torch.Tensor, batch_shape: torch.Size | None) -> torch.Tensor:
     """`[batch * seq, d]` → `[batch, seq, d]`, undoing the flattening some layers (OPT) apply."""
     if (batch_shape and tensor.shape[:-1] != batch_shape
             and math.prod(tensor.shape[:-1]) == math.prod(batch_shape)):
         return tensor.reshape(*batch_shape, tensor.shape[-1])
     return tensor
+
+
+class SiteUse(NamedTuple):
+    """The sites one active splice reads and those it changes, and how to name it in errors."""
+
+    owner: str
+    reads: frozenset[Site]
+    writes: frozenset[Site]
+
+
+_ACTIVE_SPLICES: weakref.WeakKeyDictionary[nn.Module, dict[int, SiteUse]] = (
+    weakref.WeakKeyDictionary())
+
+
+def site_conflict(model: nn.Module, reads: Iterable[Site], writes: Iterable[Site]) -> str | None:
+    """Why reading `reads` and changing `writes` of `model` would compose with an active splice.
+
+    Two hooks on one site run in the order they were attached, so the later one would read (or
+    overwrite) the earlier one's reconstruction: a result that depends on nesting order. Reading
+    a site beside another reader is fine; anything else on a site some splice changes is not.
+    """
+    reads, writes = set(reads), set(writes)
+    for use in _ACTIVE_SPLICES.get(model, {}).values():
+        shared = (writes & (use.reads | use.writes)) | (reads & use.writes)
+        if shared:
+            return (f"{sorted(shared)} {'is' if len(shared) == 1 else 'are'} already used by "
+                    f"{use.owner}; nested splices on one site would compose silently, so remove "
+                    f"that splice first (leave its `with` block or call handle.remove())")
+    return None
+
+
+def register_splice(model: nn.Module, key: int, use: SiteUse) -> None:
+    _ACTIVE_SPLICES.setdefault(model, {})[key] = use
+
+
+def unregister_splice(model: nn.Module, key: int) -> None:
+    _ACTIVE_SPLICES.get(model, {}).pop(key, None)
 
 
 class _StopForward(Exception):
@@ -284,10 +350,19 @@ def capture_activations(model: nn.Module, input_ids: torch.Tensor, sites: Iterab
             `Site`s (e.g. `Site(path, "input")`, as `sae_sites` returns for transcoders).
     Returns:
         `{site: [batch, seq, width]}` keyed as given, in the model's dtype; padding not removed.
+
+    A site an active splice changes is refused: what it holds would depend on the splice.
     """
+    check_model(model)
+    check_token_batch(input_ids, attention_mask)
     wanted = {key: key if isinstance(key, Site) else resolve_sites(model, key)[0] for key in sites}
     wanted = {key: Site(resolve_path(model, site.path), site.side) for key, site in wanted.items()}
     unique_sites = set(wanted.values())
+    conflict = site_conflict(model, unique_sites, ())
+    if conflict is not None:
+        raise ValueError(f"capture_activations: {conflict}")
+    if not unique_sites:
+        return {}
     captured: dict[Site, torch.Tensor] = {}
 
     def recorder(site: Site) -> Callable[[torch.Tensor], None]:

@@ -196,14 +196,18 @@ def topk_select(pre_acts: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class TopK(nn.Module):
-    """Exactly k active latents per row: ReLU of the k largest pre-activations (Gao et al.)."""
+    """Exactly k active latents per row: ReLU of the k largest pre-activations (Gao et al.).
+
+    Settings are read from the config at every call (here and in the other rules), so a changed
+    `sae.config.k` is the k that runs and that `save_pretrained` records.
+    """
 
     def __init__(self, config: DeepSAEConfig) -> None:
         super().__init__()
-        self.k = config.k
+        self.config = config
 
     def forward(self, h: torch.Tensor, linear: nn.Linear, pre_acts: torch.Tensor):
-        indices = topk_select(pre_acts, self.k)
+        indices = topk_select(pre_acts, self.config.k)
         return F.relu(gather_linear(h, linear, indices, pre_acts)), indices
 
 
@@ -217,20 +221,19 @@ class BatchTopK(nn.Module):
 
     def __init__(self, config: DeepSAEConfig) -> None:
         super().__init__()
-        self.k = config.k
-        self.momentum = config.batchtopk_threshold_momentum
+        self.config = config
         self.register_buffer("threshold", torch.tensor(-1.0))
 
     def forward(self, h: torch.Tensor, linear: nn.Linear, pre_acts: torch.Tensor):
         acts = F.relu(pre_acts)
         if self.training:
             flat = acts.flatten()
-            selected = flat.topk(self.k * acts.shape[0], sorted=False)
+            selected = flat.topk(self.config.k * acts.shape[0], sorted=False)
             mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, selected.indices, True)
             self._update_threshold(selected.values)
             return acts * mask.view_as(acts), None
         if self.threshold < 0:
-            indices = topk_select(pre_acts, self.k)
+            indices = topk_select(pre_acts, self.config.k)
             mask = torch.zeros_like(acts, dtype=torch.bool).scatter_(-1, indices, True)
             return acts * mask, None
         return acts * (pre_acts > self.threshold), None
@@ -244,7 +247,8 @@ class BatchTopK(nn.Module):
         if self.threshold < 0:
             self.threshold.copy_(smallest)
         else:
-            self.threshold.mul_(self.momentum).add_((1 - self.momentum) * smallest)
+            momentum = self.config.batchtopk_threshold_momentum
+            self.threshold.mul_(momentum).add_((1 - momentum) * smallest)
 
 
 class _JumpReLUFunction(torch.autograd.Function):
@@ -287,16 +291,18 @@ class JumpReLU(nn.Module):
 
     def __init__(self, config: DeepSAEConfig) -> None:
         super().__init__()
-        self.bandwidth = config.jumprelu_bandwidth
+        self.config = config
         self.init_threshold = config.jumprelu_init_threshold
         self.threshold = nn.Parameter(torch.full((config.n_latents,), self.init_threshold))
 
     def forward(self, h: torch.Tensor, linear: nn.Linear, pre_acts: torch.Tensor):
-        return _JumpReLUFunction.apply(pre_acts, self.threshold, self.bandwidth), None
+        return _JumpReLUFunction.apply(pre_acts, self.threshold,
+                                       self.config.jumprelu_bandwidth), None
 
     def l0(self, pre_acts: torch.Tensor) -> torch.Tensor:
         """Mean number of active latents per row, differentiable in the thresholds."""
-        return _StepFunction.apply(pre_acts, self.threshold, self.bandwidth).sum(-1).mean()
+        return _StepFunction.apply(pre_acts, self.threshold,
+                                   self.config.jumprelu_bandwidth).sum(-1).mean()
 
 
 class ReLU(nn.Module):

@@ -7,8 +7,9 @@ is `sites.py`'s job; `find_mlp_sites` and `capture_activations` are re-exported 
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,14 +20,19 @@ from .modeling_deepsae import DeepSAEModel, SparseLatents
 from .sites import (
     Site,
     SiteKey,
+    SiteUse,
     attach_hook,
     capture_activations,
+    check_model,
     default_key,
     find_mlp_sites,
     linear_width,
+    register_splice,
     resolve_sites,
     sae_sites,
+    site_conflict,
     unflatten_tokens,
+    unregister_splice,
 )
 
 __all__ = [
@@ -73,6 +79,8 @@ class SpliceHandle:
         self._batch_shape: torch.Size | None = None
         self._hooks = [model.register_forward_pre_hook(self._remember_batch_shape,
                                                        with_kwargs=True)]
+        owner = f"an active splice(mode={mode!r}) of SAEs {[binding.key for binding in bindings]}"
+        register_splice(model, id(self), SiteUse(owner, *_site_use(bindings, mode)))
         for binding in bindings:
             if binding.read != binding.write:
                 self._attach(binding.read, partial(self._pending.__setitem__, binding.key))
@@ -94,6 +102,7 @@ class SpliceHandle:
             hook.remove()
         self._hooks.clear()
         self._pending.clear()
+        unregister_splice(self.model, id(self))
 
     def _remember_batch_shape(self, _: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -124,11 +133,11 @@ class SpliceHandle:
             return None
         latents = sae.encode(inputs)
         if binding.edit is None:
-            reconstruction = clean = sae.decode(*latents)
+            reconstruction = clean = sae.decode(*latents, x=inputs)
         else:
-            edited = binding.edit(sae.densify(*latents))
-            reconstruction = sae.decode(edited)
-            clean = sae.decode(*latents) if self.mode == "error" else reconstruction
+            edited = _checked_edit(binding, sae.densify(*latents))
+            reconstruction = sae.decode(edited, x=inputs)
+            clean = sae.decode(*latents, x=inputs) if self.mode == "error" else reconstruction
             latents = SparseLatents(edited, None)
         self._record(binding.key, latents)
         reconstruction = reconstruction.to(target.device, target.dtype).reshape(target.shape)
@@ -142,6 +151,27 @@ class SpliceHandle:
         acts, indices = (None if tensor is None else unflatten_tokens(tensor, self._batch_shape)
                          for tensor in latents)
         self.latents[key] = SparseLatents(acts, indices)
+
+
+def _site_use(bindings: Sequence[_Binding], mode: str) -> tuple[frozenset[Site], frozenset[Site]]:
+    """`(sites read, sites changed)` by SAEs spliced in `mode` (capture changes nothing)."""
+    reads = frozenset(site for binding in bindings for site in (binding.read, binding.write))
+    writes = frozenset() if mode == "capture" else frozenset(
+        binding.write for binding in bindings if binding.sae is not None)
+    return reads, writes
+
+
+def _checked_edit(binding: _Binding, latents: torch.Tensor) -> torch.Tensor:
+    """The edit's result, which must be finite dense latents of the same shape."""
+    edited = binding.edit(latents)
+    if not isinstance(edited, torch.Tensor) or edited.shape != latents.shape:
+        raise ValueError(f"the edit of SAE {binding.key!r} must return the dense latents' shape "
+                         f"{tuple(latents.shape)}, got "
+                         f"{tuple(edited.shape) if isinstance(edited, torch.Tensor) else edited!r}")
+    if not edited.is_floating_point() or not torch.isfinite(edited).all():
+        raise ValueError(f"the edit of SAE {binding.key!r} returned NaN/inf or non-float latents; "
+                         f"edits must produce finite values")
+    return edited
 
 
 def _check_width(binding: _Binding, field: str, width: int | None) -> None:
@@ -197,8 +227,11 @@ def splice(model: nn.Module, saes: DeepSAEModel | Mapping[SiteKey, DeepSAEModel 
             (`zero_latents`, `clamp_latents`, `scale_latents`, `add_to_latents`), or `{key: edit}`.
             In `error` mode outputs change by exactly `decode(edited) − decode(latents)`.
 
-    The SAE runs in its own dtype and device; its result is cast back to the model's.
+    The SAE runs in its own dtype and device; its result is cast back to the model's. An SAE
+    whose weights hold NaN or inf is refused, and so is a site another active splice reads or
+    changes when this one changes it (or the reverse): nested splices would compose silently.
     """
+    check_model(model)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     if not isinstance(saes, Mapping):
@@ -223,6 +256,10 @@ def splice(model: nn.Module, saes: DeepSAEModel | Mapping[SiteKey, DeepSAEModel 
                             f"got {type(sae).__name__}")
         binding = _Binding(key, sae, read, write, edits.get(key))
         if sae is not None:
+            nonfinite = sae.nonfinite_weights()
+            if nonfinite:
+                raise ValueError(f"SAE {key!r} has NaN or inf in {nonfinite}: every activation it "
+                                 f"reconstructs would be NaN; load a healthy checkpoint")
             for field, site in (("d_in", read), ("d_out", write)):
                 width = linear_width(model.get_submodule(site.path), site.side)
                 _check_width(binding, field, width)
@@ -230,17 +267,28 @@ def splice(model: nn.Module, saes: DeepSAEModel | Mapping[SiteKey, DeepSAEModel 
             if mismatch is not None:
                 warnings.warn(f"SAE {key!r}: {mismatch}", UserWarning, stacklevel=2)
         bindings.append(binding)
-    writes = [binding.write for binding in bindings if binding.sae is not None]
-    if mode != "capture" and len(set(writes)) < len(writes):
-        raise ValueError(f"several SAEs write to the same site ({writes}); splice one per site")
+    for i, binding in enumerate(bindings):
+        others = bindings[:i] + bindings[i + 1:]
+        reads, writes = _site_use([binding], mode)
+        other_reads, other_writes = _site_use(others, mode)
+        if writes & (other_reads | other_writes) or reads & other_writes:
+            raise ValueError(f"SAE {binding.key!r} and another SAE of this splice use the same "
+                             f"site ({binding.write}) and one changes it; splice one SAE per site")
+        conflict = site_conflict(model, reads, writes)
+        if conflict is not None:
+            raise ValueError(f"SAE {binding.key!r}: {conflict}")
     return SpliceHandle(model, bindings, mode)
 
 
 def _edit_latents(latent_ids: int | Sequence[int],
                   change: Callable[[torch.Tensor], torch.Tensor]) -> LatentEdit:
-    ids = sorted({latent_ids} if isinstance(latent_ids, int) else set(latent_ids))
-    if not ids or any(not isinstance(i, int) or i < 0 for i in ids):
-        raise ValueError(f"latent_ids must be non-negative ints, got {latent_ids!r}")
+    single = isinstance(latent_ids, int) and not isinstance(latent_ids, bool)
+    iterable = isinstance(latent_ids, Iterable) and not isinstance(latent_ids, str | bytes)
+    ids = [latent_ids] if single else list(latent_ids) if iterable else []
+    if not ids or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids):
+        raise ValueError(f"latent_ids must be non-negative ints (one, or a non-empty list), got "
+                         f"{latent_ids!r}")
+    ids = sorted(set(ids))
 
     def edit(latents: torch.Tensor) -> torch.Tensor:
         if ids[-1] >= latents.shape[-1]:
@@ -258,14 +306,28 @@ def zero_latents(latent_ids: int | Sequence[int]) -> LatentEdit:
 def clamp_latents(latent_ids: int | Sequence[int], min: float | None = None,
                   max: float | None = None) -> LatentEdit:
     """An edit that clamps latents to `[min, max]` (e.g. pin a feature on with `min=5.0`)."""
+    if min is None and max is None:
+        raise ValueError("clamp_latents needs min= or max= (or both)")
+    for name, bound in (("min", min), ("max", max)):
+        if bound is not None:
+            _check_finite(name, bound)
+    if min is not None and max is not None and min > max:
+        raise ValueError(f"clamp_latents: min={min} is above max={max}")
     return _edit_latents(latent_ids, lambda acts: acts.clamp(min=min, max=max))
 
 
 def scale_latents(latent_ids: int | Sequence[int], factor: float) -> LatentEdit:
     """An edit that multiplies latents by `factor` (amplify > 1, damp < 1)."""
+    _check_finite("factor", factor)
     return _edit_latents(latent_ids, lambda acts: acts * factor)
 
 
 def add_to_latents(latent_ids: int | Sequence[int], value: float) -> LatentEdit:
     """An edit that adds `value` to latents at every position (steering)."""
+    _check_finite("value", value)
     return _edit_latents(latent_ids, lambda acts: acts + value)
+
+
+def _check_finite(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")

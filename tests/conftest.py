@@ -1,4 +1,5 @@
-"""Suite-wide settings: tests use tiny models, where threads cost more than they save."""
+"""Suite-wide settings and shared fixtures: tests use tiny models, where threads cost more than
+they save."""
 
 import sys
 from pathlib import Path
@@ -15,3 +16,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(folder of a random 2-layer GPT-2 with a word-level tokenizer, its text corpus)."""
+    from test_activations import make_tiny_lm, write_corpus
+
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    corpus = write_corpus(folder)
+    return make_tiny_lm(folder, corpus), corpus
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each `train` must start like a new process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

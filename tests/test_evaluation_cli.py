@@ -87,6 +87,12 @@ def test_writes_table_json_and_plots(cli, workspace, capsys):
     assert "CE score" in table and "model.layers.1.mlp.down_proj" in table
 
 
+def test_evaluation_shows_its_progress_in_tokens(cli, workspace, capsys):
+    run(cli, workspace, "--no_language_model")
+    errors = capsys.readouterr().err
+    assert "Evaluating 2 SAEs: 100%" in errors and "tok/s" in errors
+
+
 def test_save_to_sae_records_metrics_in_config_and_card(cli, workspace):
     run(cli, workspace, "--save_to_sae", "--no_language_model")
     folder = workspace / "saes" / "model.layers.0.mlp.down_proj"

@@ -8,13 +8,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from hf_deepsae import DeepSAEConfig, DeepSAEModel, save_saes
 from hf_deepsae.files import (
     FileFormatError,
     atomic_write_json,
     check_tensor,
+    file_identity,
     load_safetensors,
     read_json,
 )
+from hf_deepsae.interpret import LatentCache
 
 FIX = "delete it and run again"
 
@@ -75,3 +78,51 @@ def test_atomic_write_respects_the_umask_and_leaves_no_scratch(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+@pytest.mark.parametrize("size", [1000, 3 << 20], ids=["small", "big"])
+def test_file_identity_changes_with_the_content_even_at_the_same_time(tmp_path, size):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * size)
+    before = file_identity(path)
+    stat = path.stat()
+    path.write_bytes(b"a" * (size - 1) + b"b")  # same size, last byte differs, time restored
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_identity(path) != before
+
+
+def test_a_small_file_copied_elsewhere_keeps_its_identity(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text('{"k": 4}')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text('{"k": 4}')
+    assert file_identity(tmp_path / "a" / "config.json") == \
+        file_identity(tmp_path / "b" / "config.json")
+
+
+def write_sae(folder):
+    DeepSAEModel(DeepSAEConfig(d_in=8, n_latents=16, k=2)).save_pretrained(folder)
+
+
+def write_sae_folder(folder):
+    save_saes({"layers.0": DeepSAEModel(DeepSAEConfig(d_in=8, n_latents=16, k=2))}, folder)
+
+
+def write_latent_cache(folder):
+    LatentCache(torch.zeros(2, 4, dtype=torch.long), torch.tensor([[0, 1, 3]]), torch.ones(1),
+                n_latents=8).save(folder, n_splits=2)
+
+
+@pytest.mark.parametrize("write", [write_sae, write_sae_folder, write_latent_cache],
+                         ids=["save_pretrained", "save_saes", "latent_cache"])
+def test_every_file_written_gets_the_umask_mode(tmp_path, write):
+    """safetensors >= 0.8 creates its files 0600 (safetensors#782): an SAE must not be private."""
+    previous = os.umask(0o027)
+    try:
+        write(tmp_path / "out")
+    finally:
+        os.umask(previous)
+    files = [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
+    assert any(path.suffix == ".safetensors" for path in files)
+    assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files} == {
+        path.name: oct(0o640) for path in files}

@@ -25,6 +25,7 @@ from hf_deepsae.hub import (
     load_saes,
     push_sae_to_hub,
     push_saes_to_hub,
+    sae_subfolders,
     save_sae,
     save_saes,
 )
@@ -335,3 +336,43 @@ def test_save_sae_copies_a_given_plot_image(tmp_path):
     folder = save_sae(make_sae(), tmp_path / "sae", density_plot=image)
     assert (folder / "feature_density.png").read_bytes() == b"\x89PNG fake"
     assert "![Histogram" in (folder / "README.md").read_text()
+
+
+# -- the top of a folder of SAEs -----------------------------------------------------------------
+@pytest.mark.parametrize("where", ["local", "hub"])
+def test_the_top_of_a_folder_of_saes_names_its_subfolders(hub, tmp_path, where):
+    saes = {"layers.0.mlp": make_sae(), "layers.1.mlp": make_sae("stacked-relu")}
+    if where == "local":
+        path = str(save_saes(saes, tmp_path / "saes"))
+    else:
+        push_saes_to_hub(saes, "saes")
+        path = f"{hub.user}/saes"
+    message = rf"{path!r} holds 2 SAEs, one per hookpoint, in the subfolders \['layers.0.mlp', " \
+              rf"'layers.1.mlp'\]: load one with AutoModel.from_pretrained\({path!r}, " \
+              rf"subfolder='layers.0.mlp'\)"
+    with pytest.raises(ValueError, match=message):
+        DeepSAEModel.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"holds 2 SAEs.*hf_deepsae.load_saes"):
+        AutoModel.from_pretrained(path)  # AutoConfig reads the config.json itself
+    assert sae_subfolders(path) == list(saes)
+
+
+def test_a_folder_of_one_sae_loads_without_a_subfolder_from_the_hub(hub):
+    push_saes_to_hub({"layers.0.mlp": make_sae("stacked-relu")}, "one")
+    torch.testing.assert_close(outputs(load_sae(f"{hub.user}/one")),
+                               outputs(make_sae("stacked-relu")))
+
+
+def test_folders_saved_before_the_top_config_still_load(tmp_path):
+    saes = {"layers.0.mlp": make_sae(), "layers.1.mlp": make_sae("stacked-relu")}
+    folder = save_saes(saes, tmp_path / "old")
+    (folder / "config.json").unlink()
+    assert sae_subfolders(folder) == list(saes)
+    assert list(load_saes(folder)) == list(saes)
+
+
+def test_only_the_saes_of_the_latest_save_count(tmp_path):
+    folder = tmp_path / "run"
+    save_saes({"layers.0.mlp": make_sae(), "layers.1.mlp": make_sae()}, folder)
+    save_saes({"layers.1.mlp": make_sae("stacked-relu")}, folder)  # the output folder reused
+    torch.testing.assert_close(outputs(load_sae(folder)), outputs(make_sae("stacked-relu")))

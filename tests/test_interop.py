@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,12 @@ from huggingface_hub import HfApi
 from safetensors.torch import save_file
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
+from hf_deepsae.files import FileFormatError
 from hf_deepsae.interop import from_saelens, from_sparsify, to_saelens, to_sparsify
 
 pytest_plugins = ["hub_server"]
+
+PEERS_MISSING = '{} is not installed: pip install -e ".[peers]" runs these tests'
 
 D_IN, N_LATENTS, K = 8, 32, 4
 LINEAR = {
@@ -27,6 +31,12 @@ LINEAR = {
     "jumprelu": {"sparsity": "jumprelu"},
     "batchtopk": {"sparsity": "batchtopk"},
     "normalized-topk": {"normalize_input": True},
+}
+TRANSCODERS = {
+    "transcoder": {"transcoder": True},
+    "skip-transcoder": {"transcoder": True, "skip_connection": True},
+    "normalized-skip-transcoder": {"transcoder": True, "skip_connection": True,
+                                   "normalize_input": True},
 }
 NOT_LINEAR = {
     "mlp-encoder": {"encoder_hidden": [16]},
@@ -38,7 +48,8 @@ NOT_LINEAR = {
 def random_sae(name: str, **overrides) -> DeepSAEModel:
     """An SAE whose every parameter (biases, thresholds, scales) is random, so folds are tested."""
     torch.manual_seed(0)
-    settings = {"d_in": D_IN, "n_latents": N_LATENTS, "k": K} | (LINEAR | NOT_LINEAR)[name]
+    settings = {"d_in": D_IN, "n_latents": N_LATENTS, "k": K} | (LINEAR | NOT_LINEAR
+                                                                  | TRANSCODERS)[name]
     sae = DeepSAEModel(DeepSAEConfig(**settings | overrides)).eval()
     with torch.no_grad():
         for parameter in sae.parameters():
@@ -46,7 +57,8 @@ def random_sae(name: str, **overrides) -> DeepSAEModel:
         if sae.config.sparsity in ("jumprelu", "batchtopk"):
             sae.stages[0].sparsity.threshold.uniform_(0.0, 0.3)
     if sae.config.normalize_input:
-        sae.initialize_from_activations(4 * torch.randn(256, D_IN) + 1)
+        x = 4 * torch.randn(256, D_IN) + 1
+        sae.initialize_from_activations(x, 2 * x if sae.config.transcoder else None)
     return sae
 
 
@@ -55,9 +67,9 @@ def activations(width: int = D_IN) -> torch.Tensor:
     return 2 * torch.randn(16, width)
 
 
-def reconstruct(sae: DeepSAEModel, x: torch.Tensor, target: torch.Tensor | None = None):
+def reconstruct(sae: DeepSAEModel, x: torch.Tensor):
     with torch.no_grad():
-        return sae(x, target=target).reconstruction
+        return sae(x, target=x if sae.config.transcoder else None).reconstruction
 
 
 def random_linear_weights(d_in: int = D_IN, n: int = N_LATENTS) -> dict[str, torch.Tensor]:
@@ -153,7 +165,7 @@ def test_saelens_export_round_trips(tmp_path, name):
                                reconstruct(sae, activations()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["topk", "normalized-topk"])
+@pytest.mark.parametrize("name", ["topk", "normalized-topk", *TRANSCODERS])
 def test_sparsify_export_round_trips(tmp_path, name):
     sae = random_sae(name)
     loaded = from_sparsify(to_sparsify(sae, tmp_path / "sparsify"))
@@ -207,19 +219,20 @@ def test_unconvertible_checkpoints_say_why(tmp_path):
 @pytest.fixture(scope="module")
 def sparsify():
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
-    return pytest.importorskip("sparsify")
+    return pytest.importorskip("sparsify", reason=PEERS_MISSING.format("eai-sparsify"))
 
 
 @pytest.fixture(scope="module")
 def sae_lens():
-    return pytest.importorskip("sae_lens")
+    return pytest.importorskip("sae_lens", reason=PEERS_MISSING.format("sae-lens"))
 
 
-@pytest.mark.parametrize("transcode", [False, True], ids=["sae", "transcoder"])
-def test_sparsify_checkpoints_load_with_identical_outputs(tmp_path, sparsify, transcode):
+@pytest.mark.parametrize(("transcode", "skip"), [(False, False), (True, False), (True, True)],
+                         ids=["sae", "transcoder", "skip-transcoder"])
+def test_sparsify_checkpoints_load_with_identical_outputs(tmp_path, sparsify, transcode, skip):
     torch.manual_seed(3)
     reference = sparsify.SparseCoder(D_IN, sparsify.SparseCoderConfig(
-        num_latents=N_LATENTS, k=K, transcode=transcode))
+        num_latents=N_LATENTS, k=K, transcode=transcode, skip_connection=skip))
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.normal_(0, 0.3)
@@ -232,10 +245,10 @@ def test_sparsify_checkpoints_load_with_identical_outputs(tmp_path, sparsify, tr
     torch.testing.assert_close(output.reconstruction, expected.sae_out)
     torch.testing.assert_close(sae.densify(output.latent_acts, output.latent_indices),
                                sae.densify(expected.latent_acts, expected.latent_indices))
-    assert sae.config.transcoder is transcode
+    assert (sae.config.transcoder, sae.config.skip_connection) == (transcode, skip)
 
 
-@pytest.mark.parametrize("name", ["topk", "normalized-topk"])
+@pytest.mark.parametrize("name", ["topk", "normalized-topk", *TRANSCODERS])
 def test_sparsify_reads_exported_saes_with_identical_outputs(tmp_path, sparsify, name):
     sae = random_sae(name)
     reference = sparsify.SparseCoder.load_from_disk(to_sparsify(sae, tmp_path / "export"))
@@ -272,3 +285,109 @@ def test_saelens_reads_exported_saes_with_identical_outputs(tmp_path, sae_lens, 
     with torch.no_grad():
         expected = reference(activations())
     torch.testing.assert_close(reconstruct(sae, activations()), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "sparsity"), [(name, sparsity) for name in TRANSCODERS
+                                                for sparsity in ("relu", "jumprelu")])
+def test_saelens_transcoder_export_round_trips(tmp_path, name, sparsity):
+    sae = random_sae(name, sparsity=sparsity)
+    loaded = from_saelens(to_saelens(sae, tmp_path / "saelens"))
+    assert loaded.config.skip_connection is sae.config.skip_connection
+    torch.testing.assert_close(reconstruct(loaded, activations()),
+                               reconstruct(sae, activations()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "sparsity"), [(name, sparsity) for name in TRANSCODERS
+                                                for sparsity in ("relu", "jumprelu")])
+def test_saelens_reads_exported_transcoders_with_identical_outputs(tmp_path, sae_lens, name,
+                                                                   sparsity):
+    sae = random_sae(name, sparsity=sparsity)
+    reference = sae_lens.SAE.load_from_disk(to_saelens(sae, tmp_path / "export"))
+    with torch.no_grad():
+        expected = reference(activations())
+    torch.testing.assert_close(reconstruct(sae, activations()), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- broken checkpoints: the file, the problem and the fix ---------------------------------------
+def sparsify_with(folder: Path, cfg: dict | str | None = None,
+                  weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """A sparsify folder whose cfg.json (a dict or raw text) or tensors are replaced."""
+    write_sparsify(folder, random_linear_weights())
+    if cfg is not None:
+        (folder / "cfg.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    if weights is not None:
+        save_file(weights, folder / "sae.safetensors")
+    return folder
+
+
+def sparsify_tensors(**replaced: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """sparsify's tensors with some replaced, or dropped when given None."""
+    tensors = {"encoder.weight": torch.zeros(N_LATENTS, D_IN), "encoder.bias": torch.zeros(
+        N_LATENTS), "W_dec": torch.zeros(N_LATENTS, D_IN), "b_dec": torch.zeros(D_IN)}
+    tensors |= {name.replace("__", "."): value for name, value in replaced.items()}
+    return {name: value for name, value in tensors.items() if value is not None}
+
+
+def saelens_topk(folder: Path, weights: dict[str, torch.Tensor] | None = None, **cfg) -> Path:
+    return write_saelens(folder, "topk", weights or random_linear_weights(), **{"k": K} | cfg)
+
+
+def truncated(folder: Path, filename: str) -> Path:
+    (folder / filename).write_bytes((folder / filename).read_bytes()[:100])
+    return folder
+
+
+BROKEN = {
+    "sparsify k null": (lambda folder: sparsify_with(folder, {"d_in": D_IN, "k": None}),
+                        from_sparsify, "cfg.json", "k=None is not a positive integer"),
+    "sparsify no k": (lambda folder: sparsify_with(folder, {"d_in": D_IN}),
+                      from_sparsify, "cfg.json", r"missing required keys \['k'\]"),
+    "sparsify truncated cfg": (lambda folder: sparsify_with(folder, '{"k": 4'),
+                               from_sparsify, "cfg.json", "not valid JSON"),
+    "sparsify missing tensor": (
+        lambda folder: sparsify_with(folder, weights=sparsify_tensors(encoder__bias=None)),
+        from_sparsify, "sae.safetensors", r"missing tensors \['encoder.bias'\]"),
+    "sparsify 1-D weight": (
+        lambda folder: sparsify_with(folder, weights=sparsify_tensors(
+            encoder__weight=torch.zeros(N_LATENTS * D_IN))),
+        from_sparsify, "sae.safetensors", "'encoder.weight' has shape .* expected 2 dimensions"),
+    "sparsify int weight": (
+        lambda folder: sparsify_with(folder, weights=sparsify_tensors(
+            W_dec=torch.zeros(N_LATENTS, D_IN, dtype=torch.int32))),
+        from_sparsify, "sae.safetensors", "'W_dec' has dtype torch.int32, expected a floating"),
+    "sparsify shapes disagree": (
+        lambda folder: sparsify_with(folder, weights=sparsify_tensors(b_dec=torch.zeros(D_IN + 1))),
+        from_sparsify, "sae.safetensors", "shapes don't fit together"),
+    "sparsify skip without W_skip": (
+        lambda folder: sparsify_with(folder, {"k": K, "skip_connection": True}),
+        from_sparsify, "cfg.json", "skip_connection=True but sae.safetensors lacks W_skip"),
+    "saelens topk without k": (lambda folder: saelens_topk(folder, k=None),
+                               from_saelens, "cfg.json", "'topk' SAE needs a positive integer 'k'"),
+    "saelens missing W_dec": (
+        lambda folder: saelens_topk(folder, drop(random_linear_weights(), "W_dec")),
+        from_saelens, "sae_weights.safetensors", r"missing tensors \['W_dec'\]"),
+    "saelens 1-D W_enc": (
+        lambda folder: saelens_topk(folder, random_linear_weights() | {
+            "W_enc": torch.zeros(D_IN * N_LATENTS)}),
+        from_saelens, "sae_weights.safetensors", "'W_enc' has shape"),
+    "saelens truncated weights": (
+        lambda folder: truncated(saelens_topk(folder), "sae_weights.safetensors"),
+        from_saelens, "sae_weights.safetensors", "not a readable safetensors file"),
+    "saelens jumprelu without threshold": (
+        lambda folder: write_saelens(folder, "jumprelu", random_linear_weights()),
+        from_saelens, "sae_weights.safetensors", "without 'threshold'"),
+}
+
+
+def drop(weights: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in weights.items() if key != name}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_checkpoints_name_the_file_the_problem_and_the_fix(tmp_path, case):
+    write, load, filename, problem = BROKEN[case]
+    folder = write(tmp_path / "sae")
+    with pytest.raises(FileFormatError, match=problem) as caught:
+        load(folder)
+    assert caught.value.path == folder / filename
+    assert re.search("re-save|add the k", caught.value.fix)

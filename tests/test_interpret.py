@@ -167,6 +167,13 @@ def test_build_latent_cache_records_exactly_where_latents_fire(sparsity):
     assert cache.config["hookpoint"] == "model.embed_tokens"
 
 
+def test_build_latent_cache_shows_its_progress_in_tokens(capsys):
+    model, sae = token_latent_setup()
+    build_latent_cache(model, sae, planted_tokens(), batch_size=3)
+    errors = capsys.readouterr().err
+    assert "Caching latents: 100%" in errors and "tok/s" in errors
+
+
 # ---------------------------------------------------------------- sampling
 
 

@@ -71,6 +71,12 @@ def test_interpret_writes_delphi_cache_browser_and_scores(cli, workspace):
     assert result["scores"]["summary"] == summary
 
 
+def test_the_default_sae_is_the_one_train_py_writes(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="no SAE folder at 'outputs/deepsae'.*examples/train.py"):
+        cli.main([])
+
+
 @pytest.mark.slow
 def test_interpret_runs_on_the_offline_default_model(cli, tmp_path):
     from hf_deepsae.activations import EMBEDDED_MODEL_NAME

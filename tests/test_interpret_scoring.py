@@ -150,7 +150,7 @@ def test_summary_of_fuzzing_counts_perfect_latents_and_weights_by_firing_rate():
 def test_latents_are_scored_the_same_in_threads():
     judge = MarkJudge()
     items = [imperfect_latent(), perfect_latent()]
-    statistics = type("Rates", (), {"firing_rate": torch.tensor([0.01, 0.03])})()
+    statistics = type("Rates", (), {"firing_rate": torch.tensor([0.01, 0.03]), "n_latents": 2})()
     from hf_deepsae.interpret import score_latents
 
     serial = score_latents(items, judge, judge, word_tokenizer(), statistics)

@@ -307,7 +307,7 @@ def test_latent_directions_take_one_activation_per_latent(name):
                         for i, a in zip(ids, activations, strict=True)])
     torch.testing.assert_close(sae.latent_directions(ids, activation=activations), each,
                                rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="one non-zero value or one per latent"):
+    with pytest.raises(ValueError, match="finite non-zero number or one per latent"):
         sae.latent_directions(ids, activation=torch.tensor([1.0, 0.0, 1.0]))
 
 

@@ -88,6 +88,24 @@ def test_default_value_is_a_multiple_of_the_latents_peak(cli, workspace):
     assert result.value == pytest.approx(cli.STEERING_STRENGTH * peak)
 
 
+@pytest.mark.parametrize("mode, effect", [("zero", "changes nothing"),
+                                           ("clamp", "injects a feature")])
+def test_a_latent_silent_on_the_prompt_gets_a_warning(cli, workspace, capsys, mode, effect):
+    fired = {latent for latent, peak in run(cli, workspace, "--top_latents", "48").top_latents
+             if peak > 0}
+    silent = min(set(range(N_LATENTS)) - fired)
+    capsys.readouterr()
+    run(cli, workspace, "--latent", str(silent), "--mode", mode)
+    warning = capsys.readouterr().err
+    assert f"Warning: latent {silent} does not fire on the prompt, so --mode {mode} {effect}" \
+        in warning
+
+
+def test_the_prompts_strongest_latent_gets_no_warning(cli, workspace, capsys):
+    run(cli, workspace)
+    assert "Warning" not in capsys.readouterr().err
+
+
 def test_unknown_latent_names_the_valid_range(cli, workspace):
     with pytest.raises(ValueError, match=rf"--latent {N_LATENTS} .* ids 0 to {N_LATENTS - 1}"):
         run(cli, workspace, "--latent", str(N_LATENTS))

@@ -9,7 +9,12 @@ import pytest
 
 from hf_deepsae import DeepSAEConfig
 from hf_deepsae.training import DEFAULT_SAE_RECIPE, SAEArguments, TrainingConfig, parse_args
-from hf_deepsae.training.config import sae_config_kwargs
+from hf_deepsae.training.config import (
+    HELP_GROUPS,
+    SAE_HELP_GROUP,
+    build_parser,
+    sae_config_kwargs,
+)
 
 
 def test_no_arguments_give_the_dataclass_defaults_and_the_deep_recipe():
@@ -75,3 +80,38 @@ def test_sae_overrides_apply_on_top_of_the_recipe():
     assert kwargs["k"] == 4 and kwargs["encoder_hidden"] == DEFAULT_SAE_RECIPE["encoder_hidden"]
     with pytest.raises(ValueError, match="set by the trainer"):
         sae_config_kwargs({"d_in": 8})
+
+
+def help_sections() -> dict[str, str]:
+    """`--help` of examples/train.py as `{section title: its text}`."""
+    sections, title = {}, None
+    for line in build_parser().format_help().splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            title = line[:-1]
+            sections[title] = ""
+        elif title:
+            sections[title] += line + "\n"
+    return sections
+
+
+def test_help_groups_every_option_into_its_section():
+    sections = help_sections()
+    assert list(sections) == ["options", *HELP_GROUPS, SAE_HELP_GROUP]
+    for title, names in HELP_GROUPS.items():
+        for name in names:
+            assert f"  --{name}" in sections[title], (title, name)
+    for field in dataclasses.fields(SAEArguments):
+        assert f"  --{field.name}" in sections[SAE_HELP_GROUP], field.name
+
+
+def test_every_training_field_has_exactly_one_help_section():
+    grouped = [name for names in HELP_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(field.name for field in dataclasses.fields(TrainingConfig))
+
+
+def test_negative_flags_say_what_they_switch_off():
+    sae_help = help_sections()[SAE_HELP_GROUP]
+    entry = sae_help.split("  --no_layer_norm")[1].split("\n  --")[0]
+    assert "Switch --layer_norm off (it is on by default)." in " ".join(entry.split())
+    assert "default" not in entry.replace("by default", "")
+    assert "recipe" not in entry

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -11,16 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
-from test_activations import make_tiny_lm, write_corpus
 from transformers import AutoModel
 
 from hf_deepsae import DeepSAEModel
 from hf_deepsae.hub import load_saes
 from hf_deepsae.training import TrainingConfig, train
 from hf_deepsae.training import trainer as trainer_module
-from hf_deepsae.training.activation_cache import CACHE_INFO_FILE
+from hf_deepsae.training.activation_cache import complete_builds
 
 pytest_plugins = ["hub_server"]
 
@@ -29,19 +26,7 @@ HOOKPOINT = "transformer.h.1.mlp.c_proj"
 TINY_SAE = {"expansion_factor": 2, "k": 4, "encoder_hidden": [16], "decoder_hidden": [16]}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each `train` here must start like a new process."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    corpus = write_corpus(folder)
-    return make_tiny_lm(folder, corpus), corpus
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_config(tiny_lm: tuple[Path, Path], output_dir: Path, **overrides) -> TrainingConfig:
@@ -113,8 +98,8 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_lm, tmp_p
     uninterrupted = train(config(tmp_path / "a"), TINY_SAE)
     real_save = trainer_module.save_checkpoint
 
-    def save_then_die(accelerator, output_dir, step, *args):
-        path = real_save(accelerator, output_dir, step, *args)
+    def save_then_die(accelerator, output_dir, step, *args, **kwargs):
+        path = real_save(accelerator, output_dir, step, *args, **kwargs)
         if step == 8:
             raise Interrupted
         return path
@@ -135,15 +120,15 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_lm, tmp_p
 def test_one_cache_feeds_several_runs_and_other_settings_get_their_own(tiny_lm, tmp_path):
     root = tmp_path / "cache"
     train(tiny_config(tiny_lm, tmp_path / "first", activation_cache_dir=str(root)), TINY_SAE)
-    (cache,) = root.iterdir()
-    info = json.loads((cache / CACHE_INFO_FILE).read_text())
+    (key_folder,) = root.iterdir()
+    ((build, info),) = complete_builds(key_folder)
     assert info["full_pass"] is False and info["rows"] == 64 * 12  # capped at total_tokens
-    shards = {path: path.stat().st_mtime_ns for path in cache.glob("*.safetensors")}
+    shards = {path: path.stat().st_mtime_ns for path in build.glob("*.safetensors")}
     assert shards
 
     shallow = {**TINY_SAE, "encoder_hidden": [], "decoder_hidden": []}
     train(tiny_config(tiny_lm, tmp_path / "second", activation_cache_dir=str(root)), shallow)
-    assert {path: path.stat().st_mtime_ns for path in cache.glob("*.safetensors")} == shards
+    assert {path: path.stat().st_mtime_ns for path in build.glob("*.safetensors")} == shards
 
     train(tiny_config(tiny_lm, tmp_path / "third", activation_cache_dir=str(root),
                       context_length=8), TINY_SAE)
@@ -239,13 +224,14 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights_on_every_rank(tiny_l
     ({"layers": [0, 1], "optimizer": "adam"}, TINY_SAE),
     ({"hookpoints": ["transformer.h.0.mlp.c_proj"]}, TINY_SAE),
     ({}, {**TINY_SAE, "transcoder": True}),
+    ({}, {**TINY_SAE, "transcoder": True, "skip_connection": True}),
     ({}, {**TINY_SAE, "sparsity": "batchtopk"}),
     ({}, {**TINY_SAE, "sparsity": "jumprelu"}),
     ({}, {**TINY_SAE, "sparsity": "relu", "encoder_hidden": [], "decoder_hidden": []}),
     ({}, {**TINY_SAE, "n_stacked": 2}),
     ({"mixed_precision": "bf16"}, TINY_SAE),
-], ids=["streaming", "accumulation", "two-layers", "hookpoint", "transcoder", "batchtopk",
-        "jumprelu", "relu", "stacked", "bf16"])
+], ids=["streaming", "accumulation", "two-layers", "hookpoint", "transcoder", "skip-transcoder",
+        "batchtopk", "jumprelu", "relu", "stacked", "bf16"])
 def test_every_variant_trains_and_saves(tiny_lm, tmp_path, overrides, sae):
     saes = train(tiny_config(tiny_lm, tmp_path, **overrides), sae)
     for name, trained in saes.items():
@@ -253,6 +239,7 @@ def test_every_variant_trains_and_saves(tiny_lm, tmp_path, overrides, sae):
         assert loaded.config.metrics["fvu"] > 0
         for key, value in loaded.state_dict().items():
             assert torch.equal(value, trained.state_dict()[key].to(value.dtype)), key
+        assert not trained.config.skip_connection or trained.W_skip.any()  # the skip learns
 
 
 def test_a_diverging_run_stops_with_the_offending_steps(tiny_lm, tmp_path):

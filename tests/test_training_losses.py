@@ -54,7 +54,7 @@ def test_auxk_loss_is_zero_without_dead_latents():
 def test_auxk_gradient_reaches_only_dead_latents_encoder_rows():
     sae = small_sae(auxk_coefficient=1.0)
     set_identity_like_weights(sae)
-    x = torch.tensor([[4.0, 2.0, 0.0, 0.0]])
+    x = torch.tensor([[4.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]])
     dead = torch.tensor([False, False, False, False, True, True])
     sae(x, dead_mask=dead).aux_loss.backward()
     grad_rows = sae.stages[0].encoder.weight.grad.abs().sum(-1)

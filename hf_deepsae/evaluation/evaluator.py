@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..modeling_deepsae import DeepSAEModel
-from ..sites import Site, attach_hook, default_key
+from ..sites import Site, attach_hook, check_token_batch, default_key
 from ..splice import base_model_mismatch, capture_activations, sae_sites, splice
 from .metrics import (
     ActivationMetrics,
@@ -152,6 +152,7 @@ class SAEEvaluator:
     @torch.no_grad()
     def update(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
         """Add a batch of token ids `[batch, seq]`; padding (mask 0) is left out of every metric."""
+        check_token_batch(input_ids, attention_mask)
         input_ids = input_ids.to(self.model.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -203,6 +204,9 @@ def _check_compatible(
     """`splice`'s own checks (site widths vs `d_in`/`d_out`), and another base model made an
     error rather than `splice`'s warning: metrics of an SAE on a model it was not trained on
     mislead."""
+    if not isinstance(sae, nn.Module) or getattr(getattr(sae, "config", None), "model_type",
+                                                 None) != "deepsae":
+        raise TypeError(f"saes[{name!r}] must be a DeepSAEModel, got {type(sae).__name__}")
     if sae.config.hookpoint is None and sae.config.layer is None:
         raise ValueError(
             f"SAE {name!r} names no site in its config: set config.hookpoint (a module path of "
@@ -234,6 +238,10 @@ def evaluate_saes(
     for batch in batches:
         if isinstance(batch, Tensor):
             evaluator.update(batch)
-        else:
+        elif isinstance(batch, Mapping) and "input_ids" in batch:
             evaluator.update(batch["input_ids"], batch.get("attention_mask"))
+        else:
+            raise ValueError(f"each batch must be a tensor of token ids or a mapping with "
+                             f"'input_ids' (and optionally 'attention_mask'), got "
+                             f"{sorted(batch) if isinstance(batch, Mapping) else type(batch)}")
     return evaluator.metrics.compute(min_tokens)

@@ -11,14 +11,19 @@ KL(clean || spliced) and its score. Both keep running float64 sums (never all ac
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..sites import check_token_batch, describe_value
+
 DENSE_DENSITY_THRESHOLD = 0.1
 """A latent firing on more than this fraction of tokens counts as dense (not a sparse feature)."""
+VARIANCE_RESOLUTION = (64 * torch.finfo(torch.float64).eps) ** 2
+"""A total variance below this fraction of `Σ‖x‖²` is rounding error of the mean, not variance."""
 
 
 @dataclass
@@ -90,6 +95,12 @@ class ActivationMetrics:
     def __init__(
         self, n_latents: int | None = None, dense_threshold: float = DENSE_DENSITY_THRESHOLD
     ) -> None:
+        if n_latents is not None and (isinstance(n_latents, bool) or not isinstance(n_latents, int)
+                                      or n_latents <= 0):
+            raise ValueError(f"n_latents={n_latents!r} must be a positive int (or None)")
+        if isinstance(dense_threshold, bool) or not isinstance(dense_threshold, int | float) \
+                or not 0 <= dense_threshold <= 1:
+            raise ValueError(f"dense_threshold={dense_threshold!r} must be a fraction in [0, 1]")
         self.n_latents = n_latents
         self.dense_threshold = dense_threshold
         self.n_tokens = 0
@@ -112,6 +123,8 @@ class ActivationMetrics:
                 `[..., n_latents]` latents. Optional: without it only reconstruction metrics exist.
             latent_indices: `[..., k]` int latent ids of `latent_acts`, or `None` for dense latents.
         """
+        _check_values("target", target)
+        _check_values("reconstruction", reconstruction)
         if target.shape != reconstruction.shape:
             raise ValueError(
                 f"target {tuple(target.shape)} and reconstruction {tuple(reconstruction.shape)} "
@@ -119,6 +132,8 @@ class ActivationMetrics:
             )
         if latent_indices is not None and latent_acts is None:
             raise ValueError("latent_indices needs latent_acts (the values of those latents)")
+        if latent_acts is not None:
+            self._check_latents(target, latent_acts, latent_indices)
         target = target.detach().reshape(-1, target.shape[-1]).double()
         reconstruction = reconstruction.detach().reshape(target.shape).double()
         if target.shape[0] == 0:
@@ -131,8 +146,33 @@ class ActivationMetrics:
 
     def merge(self, other: ActivationMetrics) -> None:
         """Fold another accumulator (another worker, another shard) into this one."""
+        if other.n_latents != self.n_latents and None not in (other.n_latents, self.n_latents):
+            raise ValueError(f"can't merge metrics of {other.n_latents} latents into metrics of "
+                             f"{self.n_latents}: they come from different SAEs")
         if other.n_tokens:
             self._merge_state(other.state, other.n_tokens)
+
+    def _check_latents(self, target: Tensor, latent_acts: Tensor,
+                       latent_indices: Tensor | None) -> None:
+        """One row of finite latents per target row; integer ids in `[0, n_latents)`."""
+        _check_values("latent_acts", latent_acts)
+        if latent_acts.shape[:-1] != target.shape[:-1]:
+            raise ValueError(f"latent_acts {tuple(latent_acts.shape)} must have one row per "
+                             f"target row {tuple(target.shape)}")
+        if latent_indices is None:
+            return
+        if not isinstance(latent_indices, Tensor) or latent_indices.is_floating_point() \
+                or latent_indices.dtype == torch.bool or latent_indices.shape != latent_acts.shape:
+            raise ValueError(f"latent_indices must be integer latent ids shaped like latent_acts "
+                             f"{tuple(latent_acts.shape)}, got {describe_value(latent_indices)}")
+        if self.n_latents is None or not latent_indices.numel():
+            return
+        lowest, highest = int(latent_indices.min()), int(latent_indices.max())
+        if lowest < 0 or highest >= self.n_latents:
+            found = f"reach {highest}, beyond" if highest >= self.n_latents else \
+                f"hold the negative id {lowest}, outside"
+            raise ValueError(f"latent_indices {found} n_latents={self.n_latents}: ids must lie "
+                             f"in [0, {self.n_latents})")
 
     def compute(self, min_tokens: int = 2) -> ActivationMetricsResult:
         """The metrics so far; raises `ValueError` below `min_tokens` tokens (variance needs 2)."""
@@ -145,7 +185,8 @@ class ActivationMetrics:
             )
         s = self.state
         total_variance = s["m2"].sum().item()
-        if total_variance == 0:
+        sum_of_squares = (s["m2"] + self.n_tokens * s["mean"].pow(2)).sum().item()
+        if total_variance <= VARIANCE_RESOLUTION * sum_of_squares:
             raise ValueError(
                 "the target activations are constant over the evaluated tokens, so FVU "
                 "(error / total variance) is undefined; evaluate more varied text"
@@ -211,11 +252,6 @@ class ActivationMetrics:
             latent_indices = latent_indices.reshape(latent_acts.shape)
             active = latent_acts != 0
             firing_counts = torch.bincount(latent_indices[active], minlength=self.n_latents)
-            if firing_counts.numel() > self.n_latents:
-                raise ValueError(
-                    f"latent_indices reach {firing_counts.numel() - 1}, beyond n_latents="
-                    f"{self.n_latents}"
-                )
         l0_per_token = active.sum(-1)
         return {
             "firing_counts": firing_counts,
@@ -273,6 +309,32 @@ class LanguageModelMetricsResult:
         return asdict(self)
 
 
+def _check_values(name: str, values: Any) -> None:
+    """A numeric tensor of at least one dimension, without NaN or inf."""
+    if not isinstance(values, Tensor) or values.dim() == 0 or values.dtype == torch.bool \
+            or values.is_complex():
+        raise ValueError(f"{name} must be a real tensor of shape [..., width], got "
+                         f"{describe_value(values)}")
+    if values.is_floating_point() and not torch.isfinite(values).all():
+        raise ValueError(f"{name} contains NaN or inf, which would make every metric NaN; "
+                         f"evaluate finite activations (check SAEs with sae.nonfinite_weights())")
+
+
+def _check_logits(input_ids: Tensor, attention_mask: Tensor | None, **logits: Tensor) -> None:
+    """Token ids `[batch, seq]` and logits `[batch, seq, vocab]` of one vocabulary that holds
+    every id."""
+    check_token_batch(input_ids, attention_mask)
+    for name, value in logits.items():
+        if not isinstance(value, Tensor) or value.shape[:-1] != input_ids.shape \
+                or value.dim() != 3 or not value.is_floating_point():
+            raise ValueError(f"{name}_logits must be float [batch, seq, vocab] matching input_ids "
+                             f"{tuple(input_ids.shape)}, got {describe_value(value)}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= value.shape[-1]):
+            raise ValueError(f"input_ids hold token ids in [{int(input_ids.min())}, "
+                             f"{int(input_ids.max())}], outside the {value.shape[-1]} logits of "
+                             f"{name}_logits")
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else float("nan")
 
@@ -300,6 +362,8 @@ class LanguageModelMetrics:
 
         Position `t` predicts token `t + 1`; pairs where either token is padding are skipped.
         """
+        _check_logits(input_ids, attention_mask, clean=clean_logits, spliced=spliced_logits,
+                      ablated=ablated_logits)
         with torch.no_grad():
             valid = torch.ones_like(input_ids, dtype=torch.bool)
             if attention_mask is not None:
@@ -322,6 +386,11 @@ class LanguageModelMetrics:
                 batch[f"kl_{name}"] = torch.nn.functional.kl_div(
                     log_probs[name], log_probs["clean"], log_target=True, reduction="sum"
                 )
+        nonfinite = [name for name, value in batch.items() if not math.isfinite(value.item())]
+        if nonfinite:
+            raise ValueError(f"{nonfinite} of this batch are NaN or inf: the logits of a forward "
+                             f"pass hold NaN/inf (an SAE spliced in reconstructs NaN, or the model "
+                             f"overflows in its dtype); check SAEs with sae.nonfinite_weights()")
         for name, value in batch.items():
             self.sums[name] += value.item()
         self.n_tokens += labels.numel()

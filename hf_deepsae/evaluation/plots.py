@@ -61,8 +61,17 @@ def plot_fvu_vs_l0(results: Mapping[str, ActivationMetricsResult], path: str | P
     figure.savefig(path, format="png", dpi=110)
 
 
+def check_feature_density(density: object) -> None:
+    """A non-empty tensor of firing frequencies in [0, 1] (NaN is not one), one per latent."""
+    if not isinstance(density, Tensor) or density.numel() == 0 or density.is_complex() \
+            or not ((density >= 0) & (density <= 1)).all():
+        raise ValueError("a feature density must be a non-empty tensor of firing frequencies in "
+                         "[0, 1] (ActivationMetricsResult.feature_density), one per latent")
+
+
 def _log10_alive(density: Tensor) -> tuple[int, np.ndarray]:
     """(number of latents, log10 of the non-zero frequencies): log10 of a dead latent is -inf."""
+    check_feature_density(density)
     density = density.detach().double().cpu().flatten()
     return len(density), density[density > 0].log10().numpy()
 

@@ -18,6 +18,7 @@ round trip is exact; `activation_dtype=torch.float16` halves the size as delphi 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +26,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from ..files import (
+    FileFormatError,
+    atomic_write_text,
+    check_tensor,
+    chmod_as_new_file,
+    load_safetensors,
+    read_json,
+)
 from ..modeling_deepsae import DeepSAEModel, SparseLatents
+from ..sites import check_token_batch
 from ..splice import capture_activations, sae_sites
 
 CONFIG_NAME = "config.json"
+SHARD_NAME = re.compile(r"^(\d+)_(\d+)\.safetensors$")
+REBUILD = "rebuild the cache (build_latent_cache(...).save) or copy it again"
 
 
 @dataclass
@@ -56,9 +69,20 @@ class LatentCache:
     config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.tokens.dim() != 2:
-            raise ValueError(f"tokens must be [n_sequences, ctx_len], got "
+        if isinstance(self.n_latents, bool) or not isinstance(self.n_latents, int) \
+                or self.n_latents <= 0:
+            raise ValueError(f"n_latents={self.n_latents!r} must be a positive int")
+        for name in ("tokens", "locations"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor) or value.is_floating_point() or value.is_complex():
+                raise ValueError(f"{name} must be an integer tensor, got "
+                                 f"{getattr(value, 'dtype', type(value))}")
+        if self.tokens.dim() != 2 or self.tokens.numel() == 0:
+            raise ValueError(f"tokens must be a non-empty [n_sequences, ctx_len], got "
                              f"{tuple(self.tokens.shape)}")
+        if not isinstance(self.activations, Tensor) or not self.activations.is_floating_point() \
+                or not torch.isfinite(self.activations).all():
+            raise ValueError("activations must be a float tensor without NaN or inf")
         if self.locations.dim() != 2 or self.locations.shape[1] != 3:
             raise ValueError(f"locations must be [N, 3] (sequence, position, latent), got "
                              f"{tuple(self.locations.shape)}")
@@ -95,7 +119,8 @@ class LatentCache:
     def save(self, directory: str | Path, n_splits: int = 5,
              activation_dtype: torch.dtype = torch.float32) -> None:
         """Write the delphi layout (see the module docstring) into `directory`."""
-        if n_splits < 1 or n_splits > self.n_latents:
+        if isinstance(n_splits, bool) or not isinstance(n_splits, int) \
+                or not 1 <= n_splits <= self.n_latents:
             raise ValueError(f"n_splits={n_splits} must be in [1, n_latents={self.n_latents}]")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -112,32 +137,67 @@ class LatentCache:
                 "activations": self.activations[rows[0]:rows[1]].to(activation_dtype).numpy(),
                 "tokens": tokens,
             }, str(directory / f"{start}_{end}.safetensors"))
+            chmod_as_new_file(directory / f"{start}_{end}.safetensors")
         config = {**self.config, "cache_ctx_len": self.tokens.shape[1], "n_tokens": self.n_tokens,
                   "n_splits": n_splits, "n_latents": self.n_latents}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=4) + "\n")
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=4) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> LatentCache:
-        """Read a cache written by `save` or by delphi (its latent count is the last shard end)."""
+        """Read a cache written by `save` or by delphi (its latent count is the last shard end).
+
+        Every problem (unreadable config or shard, a missing tensor, shards that disagree on the
+        corpus or hold latents outside their range) raises `FileFormatError` naming the file.
+        """
         directory = Path(directory)
-        shards = sorted((tuple(map(int, path.stem.split("_"))), path)
-                        for path in directory.glob("*_*.safetensors"))
+        shards = sorted((tuple(map(int, match.groups())), path)
+                        for path in directory.glob("*_*.safetensors")
+                        if (match := SHARD_NAME.match(path.name)))
         if not shards or not (directory / CONFIG_NAME).is_file():
             raise ValueError(f"{directory} holds no latent cache (<start>_<end>.safetensors shards "
                              f"and {CONFIG_NAME}); write one with LatentCache.save")
-        config = json.loads((directory / CONFIG_NAME).read_text())
+        config = read_json(directory / CONFIG_NAME, fix=REBUILD)
         locations, activations, tokens = [], [], None
-        for (start, _), path in shards:
-            data = load_file(str(path))
-            shard_locations = torch.from_numpy(data["locations"].astype(np.int64))
-            shard_locations[:, 2] += start
+        for (start, end), path in shards:
+            shard_locations, shard_activations, shard_tokens = _read_shard(path, start, end)
+            if tokens is not None and not torch.equal(tokens, shard_tokens):
+                raise FileFormatError(path, f"its tokens differ from {shards[0][1].name}'s: the "
+                                      "shards come from different corpora", REBUILD)
             locations.append(shard_locations)
-            activations.append(torch.from_numpy(data["activations"].astype(np.float32)))
-            tokens = torch.from_numpy(data["tokens"].astype(np.int64))
+            activations.append(shard_activations)
+            tokens = shard_tokens
         n_latents = config.pop("n_latents", shards[-1][0][1] + 1)
         for derived in ("cache_ctx_len", "n_tokens", "n_splits"):
             config.pop(derived, None)
-        return cls(tokens, torch.cat(locations), torch.cat(activations), n_latents, config)
+        try:
+            return cls(tokens, torch.cat(locations), torch.cat(activations), n_latents, config)
+        except ValueError as error:
+            raise FileFormatError(directory, f"the cache is inconsistent ({error})",
+                                  REBUILD) from None
+
+
+def _read_shard(path: Path, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`(locations [N, 3] with global latent ids, activations [N], tokens)` of one shard."""
+    data = load_safetensors(path, fix=REBUILD, required=("locations", "activations", "tokens"))
+    locations, tokens = (_ids(path, name, data[name]) for name in ("locations", "tokens"))
+    activations = check_tensor(path, "activations", data["activations"], fix=REBUILD,
+                               ndim=1).float()
+    if locations.shape[1:] != (3,) or len(activations) != len(locations):
+        raise FileFormatError(path, f"locations {tuple(locations.shape)} and activations "
+                              f"{tuple(activations.shape)} must be [N, 3] and [N]", REBUILD)
+    if locations.numel() and (locations.min() < 0 or locations[:, 2].max() > end - start):
+        raise FileFormatError(path, f"it holds latents outside its range {start}..{end}", REBUILD)
+    locations[:, 2] += start
+    return locations, activations, tokens
+
+
+def _ids(path: Path, name: str, tensor: Tensor) -> Tensor:
+    """A 2-D integer tensor of a shard, as int64."""
+    check_tensor(path, name, tensor, fix=REBUILD, ndim=2, floating=False)
+    if tensor.is_floating_point() or tensor.dtype == torch.bool:
+        raise FileFormatError(path, f"tensor {name!r} has dtype {tensor.dtype}, expected an "
+                              "integer dtype", REBUILD)
+    return tensor.long()
 
 
 def split_ranges(n_latents: int, n_splits: int) -> list[tuple[int, int]]:
@@ -168,11 +228,15 @@ def build_latent_caches(model: nn.Module, saes: Mapping[str, DeepSAEModel], inpu
     fields such as `dataset_repo`) is recorded in every cache, with `model_name`, `hookpoint` and
     `batch_size` filled in.
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [n_sequences, ctx_len], got {tuple(input_ids.shape)}")
+    check_token_batch(input_ids)
+    if not saes:
+        raise ValueError("no SAEs given: pass {name: sae}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     device = next(model.parameters()).device
     sites = {name: sae_sites(model, sae.config)[0] for name, sae in saes.items()}
     found: dict[str, tuple[list[Tensor], list[Tensor]]] = {name: ([], []) for name in saes}
+    progress = tqdm(total=input_ids.numel(), desc="Caching latents", unit="tok", unit_scale=True)
     for first, batch in zip(range(0, len(input_ids), batch_size), input_ids.split(batch_size),
                             strict=True):
         captured = capture_activations(model, batch.to(device), sites.values())
@@ -182,6 +246,8 @@ def build_latent_caches(model: nn.Module, saes: Mapping[str, DeepSAEModel], inpu
             locations[:, 0] += first
             found[name][0].append(locations.cpu())
             found[name][1].append(activations.float().cpu())
+        progress.update(batch.numel())
+    progress.close()
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     return {
         name: LatentCache(

@@ -116,6 +116,8 @@ class ChatJudge:
     """
 
     def __init__(self, chat: ChatFunction, batch_size: int = 10) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive int")
         self.chat, self.batch_size = chat, batch_size
 
     def explain(self, examples: Sequence[str]) -> str:
@@ -263,5 +265,5 @@ def load_judge(config: JudgeConfig, model: PreTrainedModel | None = None,
     name = config.judge_model or EMBEDDED_MODEL_NAME
     if model is None or getattr(model, "name_or_path", None) != name:
         device = None if model is None else model.device
-        model, tokenizer = load_language_model(name, device=device)
+        model, tokenizer = load_language_model(name, device=device, verbose=True)
     return TransformersJudge(model, tokenizer, config.judge_max_new_tokens), f"{name} (local)"

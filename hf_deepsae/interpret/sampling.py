@@ -42,6 +42,15 @@ class SamplingConfig:
     n_neighbours: int = field(default=10, metadata={"help": "neighbour latents per latent"})
     seed: int = field(default=0, metadata={"help": "seed of every random draw"})
 
+    def __post_init__(self) -> None:
+        """Counts are ints >= 0 (a negative one would slice from the end); windows and bins >= 1."""
+        for name in ("example_ctx_len", "n_quantiles", "n_top", "n_per_quantile", "n_random",
+                     "n_neighbour", "n_same_token", "n_neighbours", "seed"):
+            value = getattr(self, name)
+            least = 1 if name in ("example_ctx_len", "n_quantiles") else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"SamplingConfig.{name}={value!r} must be an int >= {least}")
+
 
 @dataclass
 class Example:
@@ -99,7 +108,11 @@ def decoder_directions(sae: DeepSAEModel, activation_scale: float | Tensor = 1.0
     latent (e.g. its mean activation), 1 by default. A latent probed at 0 gets a zero direction.
     """
     n_latents = sae.config.n_total_latents
-    scale = torch.as_tensor(activation_scale, dtype=torch.float32).reshape(-1).expand(n_latents)
+    scale = torch.as_tensor(activation_scale, dtype=torch.float32).reshape(-1)
+    if not (torch.isfinite(scale) & (scale >= 0)).all():
+        raise ValueError("activation_scale must be finite and >= 0 for every latent (the "
+                         "activation each latent's direction is probed at; 0 for a dead latent)")
+    scale = scale.expand(n_latents)
     probe_at = torch.where(scale == 0, torch.ones_like(scale), scale)
     directions = sae.latent_directions(activation=probe_at.to(sae.device), block_size=batch_size)
     return directions.float().cpu() * scale.unsqueeze(1)
@@ -112,7 +125,15 @@ def nearest_latents(directions: Tensor, n_neighbours: int, candidates: Tensor | 
     `candidates` (bool `[n_latents]`, e.g. the latents that fired) restricts who can be a
     neighbour; non-candidate slots are filled with `-1` and similarity `-inf`.
     """
+    if directions.dim() != 2 or not torch.isfinite(directions).all():
+        raise ValueError(f"directions must be a finite [n_latents, d] tensor, got shape "
+                         f"{tuple(directions.shape)}")
+    if isinstance(n_neighbours, bool) or not isinstance(n_neighbours, int) or n_neighbours < 0:
+        raise ValueError(f"n_neighbours={n_neighbours!r} must be an int >= 0")
     n_latents = directions.shape[0]
+    if candidates is not None and (candidates.dtype != torch.bool
+                                   or candidates.shape != (n_latents,)):
+        raise ValueError(f"candidates must be a bool tensor of shape [{n_latents}]")
     n_neighbours = min(n_neighbours, n_latents - 1)
     unit = directions.float() / directions.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
     excluded = torch.zeros(n_latents, dtype=torch.bool) if candidates is None else ~candidates
@@ -179,6 +200,8 @@ def quantile_bins(maxima: Tensor, n_quantiles: int
     weakest windows. A bin's range is the (smallest, largest) max activation in it, `None` if the
     bin is empty (fewer activating windows than bins).
     """
+    if isinstance(n_quantiles, bool) or not isinstance(n_quantiles, int) or n_quantiles < 1:
+        raise ValueError(f"n_quantiles={n_quantiles!r} must be an int >= 1")
     n = len(maxima)
     ascending = torch.arange(n - 1, -1, -1)
     bounds = [q * n // n_quantiles for q in range(n_quantiles + 1)]

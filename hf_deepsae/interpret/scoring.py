@@ -80,6 +80,9 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if self.negatives not in ("neighbour", "random"):
             raise ValueError(f"negatives must be 'neighbour' or 'random', got {self.negatives!r}")
+        if not 0 <= self.highlight_threshold <= 1:
+            raise ValueError(f"highlight_threshold={self.highlight_threshold!r} must be a "
+                             f"fraction in [0, 1] of the example's max activation")
 
 
 @dataclass
@@ -139,7 +142,11 @@ def _shuffled_verdicts(judge: Any, explanation: str, texts: list[str],
     """`judge(explanation, texts)` in the order of `texts`, asked in a seeded shuffled order (no
     position bias)."""
     order = torch.randperm(len(texts), generator=generator).tolist()
-    shuffled = judge(explanation, [texts[i] for i in order])
+    shuffled = list(judge(explanation, [texts[i] for i in order]))
+    if len(shuffled) != len(texts):
+        raise ValueError(f"{getattr(judge, '__qualname__', type(judge).__name__)} returned "
+                         f"{len(shuffled)} verdicts for {len(texts)} texts; a judge must return "
+                         f"one bool per text")
     verdicts = [False] * len(texts)
     for position, verdict in zip(order, shuffled, strict=True):
         verdicts[position] = bool(verdict)
@@ -201,8 +208,13 @@ def score_latent(examples: LatentExamples, explainer: Explainer, detector: Detec
         return score
 
     def explain(source: list[Example]) -> str:
-        return explainer.explain([highlighted_text(example, tokenizer, config.highlight_threshold)
-                                  for example in source])
+        explanation = explainer.explain([highlighted_text(example, tokenizer,
+                                                          config.highlight_threshold)
+                                         for example in source])
+        if not isinstance(explanation, str):
+            raise TypeError(f"{type(explainer).__name__}.explain must return a str, got "
+                            f"{type(explanation).__name__}")
+        return explanation
 
     generator = torch.Generator().manual_seed(config.shuffle_seed * 1_000_003 + examples.latent)
     negatives = neighbours + randoms
@@ -244,6 +256,12 @@ def score_latents(examples: Iterable[LatentExamples], explainer: Explainer, dete
     `max_workers > 1` scores that many latents at once in threads: worth it for a judge behind
     an HTTP server (`OpenAICompatibleChat`), which then has that many requests in flight.
     """
+    examples = list(examples)
+    outside = [item.latent for item in examples if not 0 <= item.latent < statistics.n_latents]
+    if outside:
+        raise ValueError(f"latents {outside[:8]} are outside the {statistics.n_latents} latents of "
+                         f"statistics: examples and statistics come from different SAEs")
+
     def score(latent_examples: LatentExamples) -> LatentScore:
         return score_latent(latent_examples, explainer, detector, tokenizer,
                             float(statistics.firing_rate[latent_examples.latent]), config, fuzzer)

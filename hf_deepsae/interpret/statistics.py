@@ -132,6 +132,12 @@ def _token_counts(latents: Tensor, tokens: Tensor, vocab: int) -> tuple[Tensor, 
 def compute_statistics(cache: LatentCache, n_top_tokens: int = 5, n_strongest: int = 50,
                        single_token_threshold: float = 0.9) -> LatentStatistics:
     """Statistics of every latent of `cache`, vectorised over all firings at once."""
+    for name, value in (("n_top_tokens", n_top_tokens), ("n_strongest", n_strongest)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if not 0 < single_token_threshold <= 1:
+        raise ValueError(f"single_token_threshold={single_token_threshold!r} must be a share in "
+                         f"(0, 1]")
     n_latents = cache.n_latents
     latents, activations = cache.locations[:, 2], cache.activations
     tokens = cache.tokens[cache.locations[:, 0], cache.locations[:, 1]]

@@ -2,6 +2,7 @@
 
 from .config import DEFAULT_SAE_RECIPE, SAEArguments, TrainingConfig, default_lr, parse_args
 from .dead_latents import DeadLatentCounter
+from .interruption import TrainingInterrupted
 from .optim import build_optimizers, build_scheduler, std_coefficient_at, update_sae
 from .trainer import train
 
@@ -10,6 +11,7 @@ __all__ = [
     "DeadLatentCounter",
     "SAEArguments",
     "TrainingConfig",
+    "TrainingInterrupted",
     "build_optimizers",
     "build_scheduler",
     "default_lr",

@@ -8,6 +8,7 @@ with `transformers.HfArgumentParser`; a YAML/JSON file can supply any of the sam
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import inspect
@@ -42,6 +43,13 @@ same latents and 0.254 / 0.1% for one of twice the latents (about the deep SAE's
 576-wide dense layers only tie with shallow (0.262 / 0%), without LayerNorm 52% of latents die,
 half the Muon lr gives 0.43; the std penalty at 1.0 raised dead latents to 40%, so it stays off.
 Widths are absolute numbers, not multiples of d_in."""
+
+RUN_FIELDS = ("output_dir", "activation_cache_dir", "checkpointing_steps", "checkpointing_minutes",
+              "save_total_limit", "resume_from_checkpoint", "overwrite_output_dir", "log_with",
+              "logging_steps", "push_to_hub", "hub_model_id")
+"""Where and how a run is kept on its machine. They don't shape the SAE and their local paths mean
+nothing elsewhere, so the SAE's training record (`config.training_config`, shown on its model
+card) leaves them out."""
 
 _SET_BY_TRAINER = ("d_in", "d_out", "base_model_name_or_path", "hookpoint", "hook_site", "layer",
                    "training_config", "metrics")
@@ -125,6 +133,22 @@ class TrainingConfig:
         default=None, metadata={"help": "Autocast for the SAE; default: accelerate's setting."})
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed of init and shuffling."})
 
+    # Scaling out (see the README's "Scaling out" section and examples/configs/).
+    shard_latents: bool = dataclasses.field(default=False, metadata={
+        "help": "Shard every SAE's latents over the processes (each holds 1/W of the encoder and "
+                "decoder rows and their optimizer state; exact top-k over all shards): for SAEs "
+                "too big for one device. topk SAEs only."})
+    distribute_hookpoints: bool = dataclasses.field(default=False, metadata={
+        "help": "Spread the SAEs (one per hookpoint) over the processes instead of replicating "
+                "them; activations are sent to each SAE's process, so every SAE still trains on "
+                "all processes' batches."})
+    lm_device_map: str | None = dataclasses.field(default=None, metadata={
+        "help": "Load the language model with this transformers device_map (e.g. auto: its "
+                "layers spread over this process's GPUs) instead of on the process's device."})
+    ddp_timeout: int = dataclasses.field(default=1800, metadata={
+        "help": "Seconds a collective may wait for the other processes before the run fails "
+                "(instead of hanging); raise it if building the activation cache takes longer."})
+
     # Evaluation, logging, checkpoints, outputs.
     eval_tokens: int = dataclasses.field(default=16_384, metadata={
         "help": "Held-out tokens for the final FVU/L0/dead metrics (not trained on)."})
@@ -132,10 +156,19 @@ class TrainingConfig:
         "help": "Where checkpoints, logs and the final SAE (one subfolder per hookpoint) go."})
     checkpointing_steps: int = dataclasses.field(default=100, metadata={
         "help": "Save the full training state every N optimizer steps (0 disables)."})
+    checkpointing_minutes: float = dataclasses.field(default=10.0, metadata={
+        "help": "Also save it when this many minutes have passed since the last save (0 "
+                "disables). Ctrl-C or SIGTERM always saves the step reached before stopping."})
     save_total_limit: int | None = dataclasses.field(default=2, metadata={
         "help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: str | None = dataclasses.field(default=None, metadata={
-        "help": "A checkpoint folder, or 'latest' for the newest in output_dir/checkpoints."})
+        "help": "A checkpoint folder, or 'latest' for the newest in output_dir/checkpoints. The "
+                "run's settings must match the checkpoint's, except output, logging and "
+                "checkpointing fields, lr, max_grad_norm, mixed_precision and where SAEs and the "
+                "model live (shard_latents, distribute_hookpoints, lm_device_map, ddp_timeout)."})
+    overwrite_output_dir: bool = dataclasses.field(default=False, metadata={
+        "help": "Delete the checkpoints, logs and SAEs another run (other settings) left in "
+                "output_dir instead of refusing to start there."})
     log_with: str | None = dataclasses.field(default="tensorboard", metadata={
         "help": "Accelerate tracker(s): tensorboard, wandb, all, or none."})
     logging_steps: int = dataclasses.field(default=10, metadata={
@@ -161,13 +194,25 @@ class TrainingConfig:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be positive")
-        if self.checkpointing_steps < 0 or self.max_grad_norm < 0:
-            raise ValueError("checkpointing_steps and max_grad_norm must be >= 0 (0 disables)")
+        if self.checkpointing_steps < 0 or self.checkpointing_minutes < 0 \
+                or self.max_grad_norm < 0:
+            raise ValueError("checkpointing_steps, checkpointing_minutes and max_grad_norm must "
+                             "be >= 0 (0 disables)")
         for name in ("log_with", "activation_cache_dir", "resume_from_checkpoint"):
             if getattr(self, name) in ("none", "None", ""):
                 setattr(self, name, None)  # a way to switch a default off from the CLI
+        if self.shard_latents and self.distribute_hookpoints:
+            raise ValueError("--shard_latents and --distribute_hookpoints exclude each other; "
+                             "shard the latents of big SAEs, or spread many SAEs over processes")
+        if self.ddp_timeout <= 0:
+            raise ValueError(f"ddp_timeout={self.ddp_timeout} must be a positive number of seconds")
         if not self.hookpoints and not self.layers:
             raise ValueError("give --layers or --hookpoints: where to train SAEs")
+
+    def record(self) -> dict[str, Any]:
+        """The settings that shape the SAE, for its `training_config`: all but `RUN_FIELDS`."""
+        return {name: value for name, value in dataclasses.asdict(self).items()
+                if name not in RUN_FIELDS}
 
     def resolved_dead_threshold_tokens(self) -> int:
         if self.dead_threshold_tokens is not None:
@@ -217,7 +262,7 @@ def _sae_arguments_class() -> type:
         default = DEFAULT_SAE_RECIPE.get(name, parameter.default)
         help_text = helps.get(name, "")
         if name in DEFAULT_SAE_RECIPE:
-            help_text += f" Default here: {default!r} (the deep recipe)."
+            help_text += f" The deep recipe's value; DeepSAEConfig's own: {parameter.default!r}."
         if isinstance(default, list):
             spec = dataclasses.field(default_factory=functools.partial(list, default),
                                      metadata={"help": help_text})
@@ -251,21 +296,80 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "Language model and data": (
+        "model_name_or_path", "lm_dtype", "dataset_name", "dataset_config_name", "data_files",
+        "dataset_split", "text_column", "streaming", "context_length", "lm_batch_size", "layers",
+        "hookpoints", "activation_cache_dir"),
+    "Optimisation": (
+        "batch_size", "gradient_accumulation_steps", "total_tokens", "shuffle_buffer_size",
+        "optimizer", "lr", "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1",
+        "adam_beta2", "muon_momentum", "max_grad_norm", "dead_threshold_tokens",
+        "std_coefficient_schedule", "mixed_precision", "seed"),
+    "Scaling out (several processes or devices)": (
+        "shard_latents", "distribute_hookpoints", "lm_device_map", "ddp_timeout"),
+    "Evaluation and logging": ("eval_tokens", "log_with", "logging_steps"),
+    "Checkpoints, outputs and the Hub": (
+        "output_dir", "overwrite_output_dir", "checkpointing_steps", "checkpointing_minutes",
+        "save_total_limit", "resume_from_checkpoint", "push_to_hub", "hub_model_id"),
+}
+"""The `--help` sections of `TrainingConfig`'s fields (the SAE's own get one more); a field
+missing here lands in a last "Other options" section."""
+
+SAE_HELP_GROUP = "SAE architecture and losses (DeepSAEConfig)"
+
+def _help_group_classes() -> list[type]:
+    """`TrainingConfig`'s fields split into one dataclass per `HELP_GROUPS` section (plus
+    `SAEArguments`): `HfArgumentParser` gives each dataclass its own `--help` section."""
+    hints = typing.get_type_hints(TrainingConfig)
+    fields = {field.name: field for field in dataclasses.fields(TrainingConfig)}
+    grouped = {name for names in HELP_GROUPS.values() for name in names}
+    sections = {**HELP_GROUPS, "Other options": tuple(name for name in fields
+                                                      if name not in grouped)}
+    classes = []
+    for title, names in sections.items():
+        if not names:
+            continue
+        section = dataclasses.make_dataclass(f"_{len(classes)}", [
+            (name, hints[name], dataclasses.field(
+                default=fields[name].default, default_factory=fields[name].default_factory,
+                metadata=fields[name].metadata)) for name in names])
+        section._argument_group_name = title
+        classes.append(section)
+    sae_section = dataclasses.make_dataclass("_sae", [], bases=(SAEArguments,))
+    sae_section._argument_group_name = SAE_HELP_GROUP
+    return [*classes, sae_section]
+
+
+def build_parser() -> HfArgumentParser:
+    """The command line of `examples/train.py`: every `TrainingConfig` and `SAEArguments` field,
+    in the `HELP_GROUPS` sections."""
+    parser = HfArgumentParser(
+        _help_group_classes(), usage="%(prog)s [config.yaml|.json] [--option value ...]",
+        description="Train sparse autoencoders on a language model's activations. A YAML/JSON "
+                    "file of the same option names may come first; later options override it.")
+    for action in parser._actions:
+        if action.dest in ("encoder_hidden", "decoder_hidden"):
+            action.nargs = "*"  # `--encoder_hidden` alone must mean [] (a linear encoder)
+        if action.option_strings and action.option_strings[0] == f"--no_{action.dest}":
+            action.help = f"Switch --{action.dest} off (it is on by default)."
+            action.default = argparse.SUPPRESS  # the positive flag holds the default
+    return parser
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainingConfig, Any]:
     """`(TrainingConfig, SAEArguments)` from command-line flags.
 
     A first argument ending in .yaml/.yml/.json is a config file whose values become the defaults,
     so later flags still override them: `train.py run.yaml --lr 1e-3`.
     """
-    parser = HfArgumentParser((TrainingConfig, SAEArguments))
-    for action in parser._actions:  # `--encoder_hidden` alone must mean [] (a linear encoder)
-        if action.dest in ("encoder_hidden", "decoder_hidden"):
-            action.nargs = "*"
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         parser.set_defaults(**load_config_file(argv.pop(0)))
-    training_config, sae_arguments = parser.parse_args_into_dataclasses(args=argv)
-    return training_config, sae_arguments
+    *sections, sae_section = parser.parse_args_into_dataclasses(args=argv)
+    values = {name: value for section in sections for name, value in vars(section).items()}
+    return TrainingConfig(**values), SAEArguments(**vars(sae_section))
 
 
 def sae_config_kwargs(sae_arguments: Any = None) -> dict[str, Any]:

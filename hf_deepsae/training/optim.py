@@ -18,9 +18,13 @@ from transformers import get_scheduler
 from .config import TrainingConfig
 
 
-def build_optimizers(sae: nn.Module, config: TrainingConfig, lr: float
+def build_optimizers(sae: nn.Module, config: TrainingConfig, lr: float,
+                     muon_class: Callable[..., torch.optim.Optimizer] = torch.optim.Muon
                      ) -> list[torch.optim.Optimizer]:
-    """The optimizer(s) of one SAE: one for adam/adamw, Muon + AdamW for muon."""
+    """The optimizer(s) of one SAE: one for adam/adamw, Muon + AdamW for muon.
+
+    `muon_class` takes `torch.optim.Muon`'s arguments (`ShardedMuon` for latent-sharded SAEs).
+    """
     params = [p for p in sae.parameters() if p.requires_grad]
     betas = (config.adam_beta1, config.adam_beta2)
     if config.optimizer == "adam":
@@ -32,7 +36,7 @@ def build_optimizers(sae: nn.Module, config: TrainingConfig, lr: float
         raise ValueError(f"optimizer={config.optimizer!r}: choose adam, adamw or muon")
     matrices = [p for p in params if p.ndim == 2]
     vectors = [p for p in params if p.ndim != 2]
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.Muon(
+    optimizers: list[torch.optim.Optimizer] = [muon_class(
         matrices, lr=lr, weight_decay=config.weight_decay, momentum=config.muon_momentum,
         adjust_lr_fn="match_rms_adamw",
     )]
