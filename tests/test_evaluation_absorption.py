@@ -38,8 +38,9 @@ def tied_sae(directions: torch.Tensor, k: int = 1) -> DeepSAEModel:
     return sae
 
 
-def letter_data(absorbed: list[int]):
-    """Words `x = 3·u_letter + noise`; the `absorbed` test words of 'a' also carry `3·v_j`."""
+def letter_data(absorbed: list[int], target_scale: float = 1.0):
+    """Words `x = 3·u_letter + noise`; the `absorbed` test words of 'a' also carry `3·v_j`.
+    The targets are `target_scale·x`."""
     rows = basis()
     generator = torch.Generator().manual_seed(1)
     inputs, letters, is_test = [], [], []
@@ -55,7 +56,7 @@ def letter_data(absorbed: list[int]):
     n = len(letters)
     return fit_first_letter_probes(
         [f"w{i}" for i in range(n)], torch.arange(n), torch.tensor(letters), LETTERS,
-        torch.tensor(is_test), inputs, inputs, (Site("x"), Site("x")))
+        torch.tensor(is_test), inputs, target_scale * inputs, (Site("x"), Site("x")))
 
 
 def letter_sae(data, token_latents: int = 0, k: int = 1) -> DeepSAEModel:
@@ -93,6 +94,19 @@ def test_a_token_specific_latent_taking_over_a_letter_is_absorption():
     assert a.sparse_probe_f1[0] < 1.0  # the letter latent misses the absorbed words
     assert all(r.mean_absorption_fraction == pytest.approx(0.0, abs=1e-6) for r in others)
     assert result.mean_absorption_fraction == pytest.approx(a.mean_absorption_fraction / 4)
+
+
+def test_a_skip_transcoders_skip_path_is_not_what_its_latents_must_explain():
+    data = letter_data(ABSORBED, target_scale=4.0)  # targets x + W_skip x with W_skip = 3·I
+    plain = letter_sae(data, len(ABSORBED))
+    sae = DeepSAEModel(DeepSAEConfig(d_in=D, n_latents=plain.config.n_latents, k=1,
+                                     transcoder=True, skip_connection=True)).eval()
+    assert set(sae.load_state_dict(plain.state_dict(), strict=False).missing_keys) == {"W_skip"}
+    with torch.no_grad():
+        sae.W_skip.copy_(3 * torch.eye(D))
+    a = evaluate_absorption(sae, data).letters[0]
+    assert a.n_full_absorption == len(ABSORBED)  # 3 of 4·3 had looked like a quarter absorbed
+    assert a.mean_absorption_fraction == pytest.approx(len(ABSORBED) / (N_PER_LETTER // 4))
 
 
 def test_letters_the_site_does_not_encode_are_reported_not_scored():

@@ -14,7 +14,8 @@ On the first-letter task (`first_letter.py`), per letter:
    add up to the whole, as a linear decoder's do). Its alignment with the probe is the cosine of
    its effective direction `decode(a_i·e_i) − decode(0)`. These are compared with the
    activation's own projection `(x − decode(0))·p` — the part the latents must explain (SAEBench
-   projects `x` itself, whose mean would dominate at an MLP output). The *absorption fraction* is
+   projects `x` itself, whose mean would dominate at an MLP output; a skip transcoder's
+   `W_skip x` is subtracted too, as no latent carries it). The *absorption fraction* is
    the share carried by up to `max_absorbing_latents` other latents aligned with the probe
    (cosine ≥ `absorption_fraction_cos_threshold`) instead of the main latents; *full absorption*
    is a word where no main latent fires and the top latent (cosine ≥
@@ -198,7 +199,7 @@ def _letter_absorption(sae: DeepSAEModel, data: FirstLetterData, letter: int,
     projections = probe_attributions(sae, values[rows], ids[rows], direction.unsqueeze(0))[..., 0]
     alone = latent_contributions(sae, values[rows], ids[rows])
     cosines = (alone @ direction) / alone.norm(dim=-1).clamp_min(1e-12)
-    activation_projections = (data.targets[rows] - offset) @ direction
+    activation_projections = (data.targets[rows] - offset[rows]) @ direction
     fractions, n_full = [], 0
     for r in range(len(rows)):
         active = values[rows[r]] != 0
@@ -249,7 +250,7 @@ def evaluate_absorption(sae: DeepSAEModel, data: FirstLetterData,
     dense, columns = compact_latents(values, ids)
     one_hot, train = data.one_hot, ~data.is_test
     rankings = _ranked_latents(dense[train], one_hot[train], config)
-    offset = decoder_offset(sae)
+    offset = decoder_offset(sae, data.inputs)
     letters, fractions_by_letter = [], []
     for letter_index, letter in enumerate(data.letters_used):
         is_letter = data.letters == letter_index

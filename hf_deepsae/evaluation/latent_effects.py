@@ -113,10 +113,17 @@ def probe_attributions(sae: DeepSAEModel, values: Tensor, ids: Tensor, direction
 
 
 @torch.no_grad()
-def decoder_offset(sae: DeepSAEModel) -> Tensor:
-    """`[d_out]` `decode(0)`: the reconstruction with no active latent (float32, CPU)."""
-    zero = torch.zeros(1, sae.config.n_total_latents, dtype=sae.dtype, device=sae.device)
-    return sae.decode(zero)[0].float().cpu()
+def decoder_offset(sae: DeepSAEModel, x: Tensor | None = None) -> Tensor:
+    """`decode(0)`: the reconstruction with no active latent (float32, CPU), `[d_out]`.
+
+    With inputs `x` (`[n, d_in]`), `[n, d_out]` rows that also hold a skip transcoder's `W_skip x`:
+    the part of its output that no latent carries.
+    """
+    if x is None:
+        zero = torch.zeros(1, sae.config.n_total_latents, dtype=sae.dtype, device=sae.device)
+        return sae.decode(zero)[0].float().cpu()
+    zero = torch.zeros(len(x), sae.config.n_total_latents, dtype=sae.dtype, device=sae.device)
+    return sae.decode(zero, x=x.to(sae.device, sae.dtype)).float().cpu()
 
 
 @torch.no_grad()
