@@ -27,7 +27,6 @@ again (after a change to the benchmarks), `--fresh` starts over.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ from hf_deepsae.evaluation import (
     benchmark_scalars,
 )
 from hf_deepsae.evaluation.autointerp import AutoInterpConfig
-from hf_deepsae.files import atomic_write_json
+from hf_deepsae.files import atomic_write_json, read_json
 from hf_deepsae.interpret.judges import JudgeConfig
 from hf_deepsae.sites import capture_activations
 
@@ -138,7 +137,8 @@ def finished_rows(args: argparse.Namespace) -> dict[str, dict]:
     path = args.output_dir / f"{RESULTS_NAME}.json"
     if args.fresh or args.rescore or not path.is_file():
         return {}
-    earlier = json.loads(path.read_text())
+    earlier = read_json(path, required=("settings", "runs"),
+                        fix="pass --fresh to start over (or delete the file)")
     if any(earlier["settings"].get(key) != getattr(args, key) for key in SETTINGS):
         return {}
     return {row["name"]: row for row in earlier["runs"]}
@@ -151,7 +151,8 @@ def trained_sae(name: str, architecture: str, k: int, train: torch.Tensor,
     recipe = {key: getattr(args, key) for key in SETTINGS}
     record_path = folder / "study_recipe.json"
     if not args.fresh and record_path.is_file():
-        record = json.loads(record_path.read_text())
+        record = read_json(record_path, required=("recipe", "training"),
+                           fix="pass --fresh to train again (or delete the folder)")
         if record["recipe"] == recipe:
             return DeepSAEModel.from_pretrained(folder).to(args.device).eval(), record["training"]
     config = sae_config(architecture, k, args.expansion_factor * D_IN, 0.0)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -14,7 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from hf_deepsae.files import FileFormatError
 from hf_deepsae.interpret import ChatJudge, OpenAICompatibleChat
+from hf_deepsae.interpret.http_judge import ResponseCache
 
 
 class ScriptedServer(ThreadingHTTPServer):
@@ -105,6 +108,18 @@ def test_a_rerun_is_served_from_the_cache(server, tmp_path):
     other_model = OpenAICompatibleChat(scripted.base_url, "other", cache_path=cache)
     other_model(messages)
     assert len(scripted.requests) == 2  # the model is part of the cache key
+
+
+@pytest.mark.parametrize("content", [b"not a database" * 300, b""])
+def test_a_damaged_cache_file_is_named_with_the_fix(tmp_path, content):
+    path = tmp_path / "judge.sqlite"
+    if content:
+        path.write_bytes(content)
+    else:
+        sqlite3.connect(path).execute("CREATE TABLE responses (key TEXT)").connection.commit()
+    with pytest.raises(FileFormatError, match=r"judge\.sqlite: is not a cache of judge replies"
+                                              r".*delete it"):
+        ResponseCache(path)
 
 
 def test_server_errors_are_retried_with_backoff(server):

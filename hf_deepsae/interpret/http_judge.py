@@ -29,6 +29,8 @@ from typing import Any
 
 from huggingface_hub import InferenceClient
 
+from ..files import FileFormatError
+
 RETRY_STATUSES = frozenset({408, 409, 425, 429})
 """HTTP statuses below 500 worth retrying (timeouts, conflicts, rate limits)."""
 
@@ -66,10 +68,17 @@ class ResponseCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._connection() as connection:
-            connection.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, "
-                               "reply TEXT NOT NULL, prompt_tokens INTEGER, "
-                               "completion_tokens INTEGER)")
+        try:
+            with self._connection() as connection:
+                connection.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, "
+                                   "reply TEXT NOT NULL, prompt_tokens INTEGER, "
+                                   "completion_tokens INTEGER)")
+                connection.execute("SELECT key, reply, prompt_tokens, completion_tokens "
+                                   "FROM responses LIMIT 0")
+        except sqlite3.DatabaseError as error:
+            raise FileFormatError(self.path, f"is not a cache of judge replies ({error})",
+                                  "delete it (its replies are asked again) or name another "
+                                  "cache file") from error
 
     def _connection(self) -> sqlite3.Connection:
         if getattr(self._local, "connection", None) is None:
