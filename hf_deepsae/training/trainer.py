@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
 from huggingface_hub import get_token
@@ -40,7 +40,9 @@ from ..configuration_deepsae import TOPK_KINDS, DeepSAEConfig
 from ..evaluation import ActivationMetrics, ActivationMetricsResult
 from ..hub import push_saes_to_hub, save_saes
 from ..modeling_deepsae import DeepSAEModel
+from ..precision import adopt_device_precision, device_precision, orthogonalization_dtype
 from ..sites import Site, capture_activations, find_mlp_sites, resolve_sites
+from ..sparsity import selection_dtype
 from .activation_cache import open_or_build_cache
 from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainingConfig, sae_config_kwargs
@@ -267,6 +269,34 @@ def evaluate_runs(runs: list[SAERun], model: Any, eval_chunks: Any, config: Trai
     return {name: metric.compute() for name, metric in metrics.items()}
 
 
+def precision_choices(config: TrainingConfig, sae_kwargs: dict[str, Any],
+                      accelerator: Accelerator, lm_dtype: torch.dtype) -> dict[str, str | None]:
+    """The dtype of every part of this run, "auto" resolved by `hf_deepsae.precision`."""
+    device = accelerator.device
+    with accelerator.autocast():
+        selection = selection_dtype(sae_kwargs["topk_selection_dtype"], device, torch.float32)
+    muon = config.muon_orthogonalization_dtype
+    muon_dtype = orthogonalization_dtype(device) if muon == "auto" else getattr(torch, muon)
+    return {
+        "mixed_precision": accelerator.mixed_precision,
+        "muon_orthogonalization_dtype": _name(muon_dtype) if config.optimizer == "muon" else None,
+        "topk_selection_dtype": _name(selection) if sae_kwargs["sparsity"] == "topk" else None,
+        "lm_dtype": _name(lm_dtype),
+    }
+
+
+def _agree_on_precision(state: PartialState) -> None:
+    """Every process adopts the main process's precision findings (DDP steps the same weights
+    everywhere, so every process must choose the same dtypes)."""
+    if state.num_processes > 1:
+        found = [device_precision(state.device) if state.is_main_process else None]
+        adopt_device_precision(state.device, broadcast_object_list(found)[0])
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _tracker_config(config: TrainingConfig, sae_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Hyperparameters as trackers accept them (scalars and strings only)."""
     values = {**dataclasses.asdict(config), **sae_kwargs}
@@ -283,8 +313,11 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
     """
     sae_kwargs = sae_config_kwargs(sae_arguments)
     _check_early(config, sae_kwargs)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator will
+    _agree_on_precision(state)
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, log_with=config.log_with,
+        mixed_precision=config.resolved_mixed_precision(state.device),
+        log_with=config.log_with,
         project_dir=config.output_dir, step_scheduler_with_optimizer=False,
         gradient_accumulation_steps=config.gradient_accumulation_steps)
     output_dir = check_output_dir(config.output_dir)
@@ -305,6 +338,9 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
     model, tokenizer = load_language_model(config.model_name_or_path, dtype=config.lm_dtype,
                                            device=accelerator.device)
     targets = resolve_targets(model, config, sae_kwargs["transcoder"])
+    dtypes = precision_choices(config, sae_kwargs, accelerator, model.dtype)
+    accelerator.print(f"Precision on {device_precision(accelerator.device).summary()}: "
+                      + ", ".join(f"{name} {value}" for name, value in dtypes.items()))
     with accelerator.main_process_first():
         chunks = tokenize_and_chunk(dataset, tokenizer, config.context_length, config.text_column)
     shard, eval_chunks = _split_chunks(chunks, config, accelerator)
@@ -353,12 +389,14 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
             save_checkpoint(accelerator, output_dir, step, stream.state_dict(),
                             config.save_total_limit)
     progress.close()
-    return _finish(runs, model, eval_chunks, stream, config, num_steps, accelerator, output_dir)
+    return _finish(runs, model, eval_chunks, stream, config, num_steps, accelerator, output_dir,
+                   precision_record={**dtypes, "device": device_precision(
+                       accelerator.device).as_dict()})
 
 
 def _finish(runs: list[SAERun], model: Any, eval_chunks: Any, stream: ActivationStream,
-            config: TrainingConfig, num_steps: int, accelerator: Accelerator, output_dir: Path
-            ) -> dict[str, DeepSAEModel]:
+            config: TrainingConfig, num_steps: int, accelerator: Accelerator, output_dir: Path,
+            precision_record: dict[str, Any]) -> dict[str, DeepSAEModel]:
     """Evaluate on held-out tokens, record config + metrics in each SAE, save (and push)."""
     accelerator.wait_for_everyone()
     saes = {run.name: accelerator.unwrap_model(run.sae) for run in runs}
@@ -369,7 +407,8 @@ def _finish(runs: list[SAERun], model: Any, eval_chunks: Any, stream: Activation
             sae.config.training_config = {
                 **dataclasses.asdict(config), "lr": config.resolved_lr(sae.config.n_latents),
                 "dead_threshold_tokens": config.resolved_dead_threshold_tokens(),
-                "num_processes": accelerator.num_processes, "num_steps": num_steps}
+                "num_processes": accelerator.num_processes, "num_steps": num_steps,
+                "precision": precision_record}
             sae.config.metrics = {
                 **results[run.name].scalars(), "dead_fraction_training": run.dead.dead_fraction(),
                 "nonfinite_rows_skipped": stream.nonfinite_rows,
