@@ -33,6 +33,7 @@ import functools
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ NATIVE_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16", "sve_bf1
 """ISA flags (x86 as `torch.cpu.get_capabilities` names them, ARM as /proc/cpuinfo does) under
 which a dtype's matmul can be native; x86 without them only emulates it."""
 
-_PROBE_SIZES = ((256, 3), (512, 5))
+_PROBE_SIZES = ((256, 2), (512, 5))
 """(matrix size, interleaved timings per dtype) of the probe's two stages."""
 _CLEARLY_SLOW = 0.5
 
@@ -250,28 +251,38 @@ def _probe_speedup(device: torch.device, dtype: torch.dtype) -> float:
     """`dtype`'s square-GEMM throughput over fp32's on `device` (best of interleaved runs).
 
     A small size first: an emulated dtype is many times slower already there and ends the probe
-    (a 256^3 bf16 product takes ~20 ms at AVX2's 1.6 GFLOP/s); otherwise 512^3, where per-call
-    overheads no longer hide the throughput (it matches 2048^3 and the SAE's shapes within ~10%
-    on the CPUs above), decides. The best of several interleaved runs resists a busy machine.
+    (a 256^3 bf16 product takes ~40 ms at AVX2's 0.8 GFLOP/s per core); otherwise 512^3, where
+    per-call overheads no longer hide the throughput (it matches 2048^3 and the SAE's shapes within
+    ~10% on the CPUs above), decides. On CPU the products run on one thread and are timed in that
+    thread's CPU time, so other processes on a busy machine don't skew the ratio (wall-clock
+    timings on 2 cores shared by ~10 processes put emulated-slow bf16 at "2.2x fp32").
     """
+    on_cpu = device.type == "cpu"
+    clock = time.thread_time if on_cpu else time.perf_counter
+    threads = torch.get_num_threads()
     speedup = 0.0
-    with torch.inference_mode(), torch.autocast(device.type, enabled=False):
-        for size, rounds in _PROBE_SIZES:
-            base = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
-            operands = {d: base.to(device=device, dtype=d) for d in (torch.float32, dtype)}
-            for operand in operands.values():
-                _matmul_seconds(operand)  # warm-up: kernel choice, primitive caches
-            seconds: dict[torch.dtype, list[float]] = {d: [] for d in operands}
-            for _ in range(rounds):  # interleaved, so both see the same machine load
-                for d, operand in operands.items():
-                    seconds[d].append(_matmul_seconds(operand))
-            speedup = min(seconds[torch.float32]) / min(seconds[dtype])
-            if speedup < _CLEARLY_SLOW:
-                break
+    try:
+        if on_cpu:
+            torch.set_num_threads(1)
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+            for size, rounds in _PROBE_SIZES:
+                base = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+                operands = {d: base.to(device=device, dtype=d) for d in (torch.float32, dtype)}
+                for operand in operands.values():
+                    _matmul_seconds(operand, clock)  # warm-up: kernel choice, primitive caches
+                seconds: dict[torch.dtype, list[float]] = {d: [] for d in operands}
+                for _ in range(rounds):  # interleaved, so both see the same machine state
+                    for d, operand in operands.items():
+                        seconds[d].append(_matmul_seconds(operand, clock))
+                speedup = min(seconds[torch.float32]) / min(seconds[dtype])
+                if speedup < _CLEARLY_SLOW:
+                    break
+    finally:
+        torch.set_num_threads(threads)
     return speedup
 
 
-def _matmul_seconds(operand: torch.Tensor) -> float:
-    start = time.perf_counter()
+def _matmul_seconds(operand: torch.Tensor, clock: Callable[[], float]) -> float:
+    start = clock()
     (operand @ operand)[0, 0].item()  # .item() waits for asynchronous devices
-    return time.perf_counter() - start
+    return clock() - start
