@@ -149,11 +149,23 @@ def _canonical(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def is_fast(dtype: torch.dtype, device: str | torch.device | None = None) -> bool:
+    """Whether `device` computes `dtype` matmuls fast (`device_precision(device).fast(dtype)`,
+    without building the report: the top-k selection asks on every forward)."""
+    if dtype not in HALF_DTYPES:
+        return True
+    forced = _forced_verdict(FORCE_ENVIRONMENT[dtype])
+    if forced is not None:
+        return forced
+    device = _canonical(device)
+    adopted = _ADOPTED.get(device)
+    return (adopted.support(dtype) if adopted else _measured_support(device, dtype)).fast
+
+
 def orthogonalization_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """Muon's Newton-Schulz dtype: bf16 (as `torch.optim.Muon`) where fast, else fp16 where fast
     (more precise than bf16; the iterate is normalised, so its range suffices), else fp32."""
-    precision = device_precision(device)
-    return next((dtype for dtype in HALF_DTYPES if precision.fast(dtype)), torch.float32)
+    return next((dtype for dtype in HALF_DTYPES if is_fast(dtype, device)), torch.float32)
 
 
 def topk_selection_dtype(device: str | torch.device | None, weight_dtype: torch.dtype
@@ -161,7 +173,7 @@ def topk_selection_dtype(device: str | torch.device | None, weight_dtype: torch.
     """The dtype to choose top-k latents in, for `DeepSAEConfig(topk_selection_dtype="auto")`:
     bf16 for fp32 weights where bf16 is fast (it has fp32's range; only near-ties at the k-th
     value can be chosen differently), else the weights' own dtype (exact)."""
-    if weight_dtype == torch.float32 and device_precision(device).fast(torch.bfloat16):
+    if weight_dtype == torch.float32 and is_fast(torch.bfloat16, device):
         return torch.bfloat16
     return weight_dtype
 
@@ -169,7 +181,7 @@ def topk_selection_dtype(device: str | torch.device | None, weight_dtype: torch.
 def mixed_precision(device: str | torch.device | None = None) -> str:
     """The SAE's default autocast in training, as accelerate names it: "bf16" where bf16 is fast,
     else "no" (fp16 autocast needs loss scaling and overflows more easily: only on request)."""
-    return "bf16" if device_precision(device).fast(torch.bfloat16) else "no"
+    return "bf16" if is_fast(torch.bfloat16, device) else "no"
 
 
 def language_model_dtype(checkpoint_dtype: torch.dtype,
@@ -177,7 +189,7 @@ def language_model_dtype(checkpoint_dtype: torch.dtype,
     """The frozen language model's dtype for `load_language_model(dtype="auto")`: the
     checkpoint's own, unless that is a half dtype this device computes slowly (then fp32, which
     holds every half value exactly). Never lower than the checkpoint: activations stay as exact."""
-    if checkpoint_dtype in HALF_DTYPES and not device_precision(device).fast(checkpoint_dtype):
+    if not is_fast(checkpoint_dtype, device):
         return torch.float32
     return checkpoint_dtype
 
@@ -207,6 +219,7 @@ def _measured_support(device: torch.device, dtype: torch.dtype) -> DtypeSupport:
     return DtypeSupport(native, round(speedup, 3), speedup >= FAST_SPEEDUP, "probe")
 
 
+@functools.cache
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -391,7 +391,7 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
     progress.close()
     return _finish(runs, model, eval_chunks, stream, config, num_steps, accelerator, output_dir,
                    precision_record={**dtypes, "device": device_precision(
-                       accelerator.device).as_dict()})
+                       accelerator.device).summary()})
 
 
 def _finish(runs: list[SAERun], model: Any, eval_chunks: Any, stream: ActivationStream,
