@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -369,13 +370,30 @@ def build_parser() -> HfArgumentParser:
         _help_group_classes(), usage="%(prog)s [config.yaml|.json] [--option value ...]",
         description="Train sparse autoencoders on a language model's activations. A YAML/JSON "
                     "file of the same option names may come first; later options override it.")
+    optional = _optional_numbers()
     for action in parser._actions:
+        if action.dest in optional:
+            action.type = _none_or(action.type)  # `--save_total_limit none`, as a YAML null
         if action.dest in ("encoder_hidden", "decoder_hidden"):
             action.nargs = "*"  # `--encoder_hidden` alone must mean [] (a linear encoder)
         if action.option_strings and action.option_strings[0] == f"--no_{action.dest}":
             action.help = f"Switch --{action.dest} off (it is on by default)."
             action.default = argparse.SUPPRESS  # the positive flag holds the default
     return parser
+
+
+def _optional_numbers() -> set[str]:
+    """Names of the int/float fields that may be None: their flags also take `none`."""
+    hints = {**typing.get_type_hints(TrainingConfig), **typing.get_type_hints(SAEArguments)}
+    return {name for name, hint in hints.items() if type(None) in typing.get_args(hint)
+            and {int, float} & set(typing.get_args(hint))}
+
+
+def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        return None if value.lower() == "none" else convert(value)
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in its errors
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainingConfig, Any]:
