@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scaling.py                       # widths 4k..64k, k 16..256, stream
     python benchmarks/bench_scaling.py --batch_size 1024 --stream_tokens 32768   # quicker
+    python benchmarks/bench_scaling.py --smoke --model_name_or_path tiny ...      # seconds
 
 1. `n_latents` ∈ 4k…64k at k = 32 and 2. `k` ∈ 16…256 at 16k latents: each point trains in a
    fresh process (so its peak RSS is its own) on the cached SmolLM2-135M layer-6 activations and
@@ -21,16 +22,16 @@ import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import matplotlib
 import torch
 from common import (
     BATCH_SIZE,
-    HOOKPOINT,
-    RESULTS_DIR,
+    ActivationSource,
+    activation_source,
+    add_common_arguments,
     batches,
-    cached_activations,
-    language_model_source,
     make_train_step,
     median_seconds,
     peak_rss_mib,
@@ -48,15 +49,17 @@ from hf_deepsae.training import TrainingConfig, build_optimizers, default_lr
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-D_IN = 576
+SMOKE = {"widths": [64], "ks": [4], "k_sweep_latents": 64, "batch_size": 64, "steps": 2,
+         "stream_tokens": 256}
 
 
-def measure_point(n_latents: int, k: int, batch_size: int, steps: int) -> dict:
+def measure_point(source: ActivationSource, n_latents: int, k: int, batch_size: int,
+                  steps: int) -> dict:
     """Train `steps` steps at one shape in this (fresh) process; time the step and its parts."""
-    activations = cached_activations()
+    activations = source.cached()
     baseline = rss_mib()
     torch.manual_seed(0)
-    sae = DeepSAEModel(DeepSAEConfig(d_in=D_IN, n_latents=n_latents, k=k))
+    sae = DeepSAEModel(DeepSAEConfig(d_in=activations.shape[1], n_latents=n_latents, k=k))
     sae.initialize_from_activations(activations[:batch_size])
     step = make_train_step(sae, build_optimizers(sae, TrainingConfig(optimizer="adam"),
                                                  default_lr(n_latents)))
@@ -67,7 +70,7 @@ def measure_point(n_latents: int, k: int, batch_size: int, steps: int) -> dict:
         pre_acts = stage.encoder(x)
     indices = topk_select(pre_acts, k)
     values = torch.rand(batch_size, k, requires_grad=True)
-    grad = torch.randn(batch_size, D_IN)
+    grad = torch.randn(batch_size, activations.shape[1])
     dense = torch.zeros(batch_size, n_latents).scatter_(1, indices, values.detach())
 
     def sparse_decode_step() -> None:
@@ -92,30 +95,37 @@ def measure_point(n_latents: int, k: int, batch_size: int, steps: int) -> dict:
             "peak_rss_over_baseline_mib": training_peak_rss - baseline, **parts}
 
 
-def sweep(points: list[tuple[int, int]], batch_size: int, steps: int) -> list[dict]:
-    """Each point in a fresh spawned process, one after another (peak RSS per point)."""
+def sweep(source: ActivationSource, points: list[tuple[int, int]], batch_size: int, steps: int,
+          fresh_processes: bool = True) -> list[dict]:
+    """Each point in a fresh spawned process, one after another (peak RSS per point); or all in
+    this process (a smoke run: peak RSS is then the process's so far)."""
     rows = []
     context = multiprocessing.get_context("spawn")
     for n_latents, k in points:
-        with ProcessPoolExecutor(1, mp_context=context) as pool:
-            row = pool.submit(measure_point, n_latents, k, batch_size, steps).result()
+        if fresh_processes:
+            with ProcessPoolExecutor(1, mp_context=context) as pool:
+                row = pool.submit(measure_point, source, n_latents, k, batch_size, steps).result()
+        else:
+            row = measure_point(source, n_latents, k, batch_size, steps)
         print(f"n_latents={n_latents} k={k}: {row['tokens_per_s']:.0f} tokens/s, "
               f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
         rows.append(row)
     return rows
 
 
-def stream_memory(tokens: int, batch_size: int, n_latents: int) -> list[dict]:
+def stream_memory(source: ActivationSource, tokens: int, batch_size: int, n_latents: int
+                  ) -> list[dict]:
     """RSS after every step of training on live language-model activations."""
-    source = language_model_source()
-    stream = ActivationStream(source, batch_size=batch_size, buffer_size=4 * batch_size)
+    live = source.live()
+    stream = ActivationStream(live, batch_size=batch_size, buffer_size=4 * batch_size)
     torch.manual_seed(0)
-    sae = DeepSAEModel(DeepSAEConfig(d_in=D_IN, n_latents=n_latents, k=32))
+    sae = DeepSAEModel(DeepSAEConfig(d_in=live.next_block()[source.hookpoint].shape[-1],
+                                     n_latents=n_latents, k=32))
     step = make_train_step(sae, build_optimizers(sae, TrainingConfig(optimizer="adam"),
                                                  default_lr(n_latents)))
     samples, seen, start = [], 0, time.perf_counter()
     while seen < tokens:
-        x = next(stream)[HOOKPOINT]
+        x = next(stream)[source.hookpoint]
         if seen == 0:
             sae.initialize_from_activations(x)
         step(x)
@@ -125,7 +135,8 @@ def stream_memory(tokens: int, batch_size: int, n_latents: int) -> list[dict]:
     return samples
 
 
-def plot(width_rows: list[dict], k_rows: list[dict], stream: list[dict]) -> None:
+def plot(width_rows: list[dict], k_rows: list[dict], stream: list[dict], results_dir: Path
+         ) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     parts = ["encoder_gemm_s", "topk_s", "sparse_decode_fwd_s", "sparse_decode_fwd_bwd_s",
              "dense_decode_fwd_bwd_s", "median_step_s"]
@@ -139,9 +150,9 @@ def plot(width_rows: list[dict], k_rows: list[dict], stream: list[dict]) -> None
     if stream:
         axes[2].plot([s["tokens_seen"] for s in stream], [s["rss_mib"] for s in stream])
         axes[2].set(xlabel="tokens seen", ylabel="RSS (MiB)", ylim=(0, None),
-                    title="streaming from SmolLM2-135M: memory")
+                    title="streaming from the language model: memory")
     figure.tight_layout()
-    path = RESULTS_DIR / "scaling.png"
+    path = results_dir / "scaling.png"
     figure.savefig(path, dpi=110)
     print(f"wrote {path}")
 
@@ -156,14 +167,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per point")
     parser.add_argument("--stream_tokens", type=int, default=131_072,
                         help="tokens of live-model streaming training (0 skips it)")
+    add_common_arguments(parser)
+    if parser.parse_known_args()[0].smoke:
+        parser.set_defaults(**SMOKE)
     args = parser.parse_args()
 
-    cached_activations()  # build the cache once, before the workers read it
+    source = activation_source(args)
+    source.cached()  # build the cache once, before the workers read it
     print(f"load average {os.getloadavg()}")
-    width_rows = sweep([(n, 32) for n in args.widths], args.batch_size, args.steps)
-    k_rows = sweep([(args.k_sweep_latents, k) for k in args.ks], args.batch_size, args.steps)
-    stream = stream_memory(args.stream_tokens, args.batch_size, args.k_sweep_latents) \
-        if args.stream_tokens else []
+    width_rows = sweep(source, [(n, 32) for n in args.widths], args.batch_size, args.steps,
+                       fresh_processes=not args.smoke)
+    k_rows = sweep(source, [(args.k_sweep_latents, k) for k in args.ks], args.batch_size,
+                   args.steps, fresh_processes=not args.smoke)
+    stream = stream_memory(source, args.stream_tokens, args.batch_size,
+                           args.k_sweep_latents) if args.stream_tokens else []
     columns = ["n_latents", "k", "tokens_per_s", "median_step_s", "encoder_gemm_s", "topk_s",
                "sparse_decode_fwd_s", "sparse_decode_fwd_bwd_s", "dense_decode_fwd_bwd_s",
                "peak_rss_mib"]
@@ -178,8 +195,9 @@ def main() -> None:
               f"{min(first + second):.0f} and {max(first + second):.0f} MiB; peak of the second "
               f"half minus peak of the first: {growth:+.0f} MiB")
     write_results("scaling", {"settings": vars(args), "widths": width_rows, "ks": k_rows,
-                              "stream": stream, "stream_peak_rss_growth_mib": growth})
-    plot(width_rows, k_rows, stream)
+                              "stream": stream, "stream_peak_rss_growth_mib": growth},
+                  args.results_dir)
+    plot(width_rows, k_rows, stream, args.results_dir)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,18 @@
 The activations are SmolLM2-135M-Instruct's layer-6 MLP output (`model.layers.6.mlp.down_proj`)
 over the offline default corpus (Python's documentation topics), computed once with the project's
 own pipeline (`activations.load_language_model` → `tokenize_and_chunk` → `ModelActivations`, i.e.
-`splice.capture_activations`) and written with `training.activation_cache`; later runs read the
-safetensors shards back. The last `eval_tokens` rows (whole, distinct token chunks) are held out.
+`splice.capture_activations`) and written with `training.activation_cache` under
+`--cache_dir`; later runs read the safetensors shards back (a complete cache never loads the
+model). The last `eval_tokens` rows (whole, distinct token chunks) are held out. Every script takes
+the same `--model_name_or_path/--hookpoint/--dataset_name/--context_length/--max_cached_tokens`
+flags (the test suite runs each with `--smoke` on a tiny random model, from an empty cache) and
+`--results_dir`.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -32,6 +38,7 @@ from hf_deepsae.activations import (
     tokenize_and_chunk,
 )
 from hf_deepsae.modeling_deepsae import DeepSAEOutput
+from hf_deepsae.precision import device_precision
 from hf_deepsae.training import update_sae
 from hf_deepsae.training.activation_cache import (
     CachedActivations,
@@ -49,35 +56,78 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LOAD_AVERAGE_AT_START = os.getloadavg()
 """1/5/15-minute load averages when the benchmark started (they include its own threads)."""
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_deepsae"
+EMULATION_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "HF_DEEPSAE_FAST_BF16",
+                       "HF_DEEPSAE_FAST_FP16")
+"""Environment variables that change which kernels run (see README: emulating an AVX2 CPU)."""
 
 
-def language_model_source(seed: int = 0, lm_batch_size: int = 8) -> ModelActivations:
-    """Live activations at `HOOKPOINT` over the default corpus (loads the language model)."""
-    model, tokenizer = load_language_model(EMBEDDED_MODEL_NAME, dtype=torch.float32)
-    chunks = tokenize_and_chunk(load_text_dataset(), tokenizer, CONTEXT_LENGTH)
-    return ModelActivations(model, {HOOKPOINT: HOOKPOINT}, TokenChunks(chunks, lm_batch_size, seed))
+@dataclasses.dataclass(frozen=True)
+class ActivationSource:
+    """Which activations a benchmark reads: a language model's output at one module, over a
+    corpus (the offline default: Python's documentation), cut into `context_length` chunks."""
 
+    model_name_or_path: str = EMBEDDED_MODEL_NAME
+    hookpoint: str = HOOKPOINT
+    dataset_name: str | None = None
+    context_length: int = CONTEXT_LENGTH
+    max_cached_tokens: int = MAX_CACHED_TOKENS
+    cache_dir: str = str(DEFAULT_CACHE_DIR / "benchmark_activations")
 
-def cached_activations(cache_dir: Path = DEFAULT_CACHE_DIR) -> torch.Tensor:
-    """All cached activation rows `[rows, 576]` (float32), building the cache on first use.
+    def live(self, seed: int = 0, lm_batch_size: int = 8) -> ModelActivations:
+        """Activations straight from the language model (loads it)."""
+        model, tokenizer = load_language_model(self.model_name_or_path, dtype=torch.float32)
+        chunks = tokenize_and_chunk(load_text_dataset(self.dataset_name), tokenizer,
+                                    self.context_length)
+        return ModelActivations(model, {self.hookpoint: self.hookpoint},
+                                TokenChunks(chunks, lm_batch_size, seed))
 
-    The cache holds one pass over the whole corpus (chunks in a seeded random order), so the tail
-    rows used for held-out evaluation come from chunks spread over the corpus. It lives in the
-    folder `hf_deepsae.training.activation_cache` names after these settings under `cache_dir`.
-    """
-    metadata = {"model_name_or_path": EMBEDDED_MODEL_NAME, "dataset_name": None,
-                "context_length": CONTEXT_LENGTH}
-    build = find_cache(cache_dir, metadata, [HOOKPOINT], rows=MAX_CACHED_TOKENS)
-    if build is None:
-        print(f"caching {EMBEDDED_MODEL_NAME} {HOOKPOINT} activations into {cache_dir} ...")
+    def cached(self) -> torch.Tensor:
+        """All cached activation rows `[rows, d]` (float32), building the cache on first use.
+
+        The cache holds one pass over the whole corpus (chunks in a seeded random order), so the
+        tail rows used for held-out evaluation come from chunks spread over the corpus. A complete
+        cache is read without loading the language model.
+        """
+        metadata = {"model_name_or_path": self.model_name_or_path, "lm_dtype": "float32",
+                    "dataset_name": self.dataset_name, "context_length": self.context_length}
         start = time.perf_counter()
-        cache = open_or_build_cache(language_model_source(), cache_dir, metadata,
-                                    max_rows=MAX_CACHED_TOKENS, rows_per_shard=16_384,
-                                    accelerator=PartialState(), seed=0)
-        print(f"cached in {time.perf_counter() - start:.0f} s")
-    else:
-        cache = CachedActivations(build, [HOOKPOINT])
-    return torch.cat([cache.next_block()[HOOKPOINT] for _ in cache.shards]).float()
+        build = find_cache(self.cache_dir, metadata, [self.hookpoint],
+                           rows=self.max_cached_tokens)
+        if build is None:
+            print(f"caching {self.model_name_or_path} {self.hookpoint} activations into "
+                  f"{self.cache_dir} ...", flush=True)
+            cache = open_or_build_cache(
+                self.live(), self.cache_dir, metadata, max_rows=self.max_cached_tokens,
+                rows_per_shard=16_384, accelerator=PartialState(cpu=True), seed=0)
+        else:
+            cache = CachedActivations(build, [self.hookpoint])
+        rows = torch.cat([cache.next_block()[self.hookpoint] for _ in cache.shards]).float()
+        print(f"{rows.shape[0]:,} cached activation rows of {self.model_name_or_path} "
+              f"{self.hookpoint} ({time.perf_counter() - start:.0f} s)", flush=True)
+        return rows
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The activation source, `--results_dir` and `--smoke`, shared by every benchmark."""
+    group = parser.add_argument_group("activations and results")
+    group.add_argument("--model_name_or_path", default=EMBEDDED_MODEL_NAME)
+    group.add_argument("--hookpoint", default=HOOKPOINT)
+    group.add_argument("--dataset_name", default=None,
+                       help="default: Python's documentation (offline)")
+    group.add_argument("--context_length", type=int, default=CONTEXT_LENGTH)
+    group.add_argument("--max_cached_tokens", type=int, default=MAX_CACHED_TOKENS)
+    group.add_argument("--cache_dir", default=ActivationSource.cache_dir,
+                       help="activation cache root (built on first use)")
+    group.add_argument("--results_dir", type=Path, default=RESULTS_DIR,
+                       help="where the JSON (and PNG) results go")
+    group.add_argument("--smoke", action="store_true",
+                       help="a few tiny steps of everything (with a tiny --model_name_or_path: "
+                            "the test suite's check that the script runs end to end)")
+
+
+def activation_source(args: argparse.Namespace) -> ActivationSource:
+    return ActivationSource(**{field.name: getattr(args, field.name)
+                               for field in dataclasses.fields(ActivationSource)})
 
 
 def train_eval_split(activations: torch.Tensor, eval_tokens: int, seed: int = 0
@@ -131,10 +181,11 @@ def median_seconds(function: Callable[[], Any], repeats: int) -> float:
     return statistics.median(timed(function) for _ in range(repeats))
 
 
-def matmul_peak_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
+def matmul_peak_gflops(dtype: torch.dtype, repeats: int = 5,
+                       sizes: tuple[int, ...] | list[int] = (2048, 3072)) -> float:
     """This machine's GEMM throughput right now: the best of a few large square products."""
     best = 0.0
-    for size in (2048, 3072):
+    for size in sizes:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         seconds = min(median_seconds(lambda a=a, b=b: a @ b, 1) for _ in range(repeats))
         best = max(best, 2 * size**3 / seconds / 1e9)
@@ -153,12 +204,17 @@ def rss_mib() -> float:
 
 
 def machine() -> dict[str, Any]:
-    """What the numbers were measured on, including how busy the machine was."""
+    """What the numbers were measured on: CPU model and its bf16/fp16 matmul support (ISA flags
+    and the probe's verdict), threads, emulation settings, and how busy the machine was."""
     return {
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "precision": device_precision("cpu").as_dict(),
+        "environment": {name: os.environ[name] for name in EMULATION_VARIABLES
+                        if name in os.environ},
         "load_average_1_5_15_at_start": LOAD_AVERAGE_AT_START,
         "load_average_1_5_15_at_end": os.getloadavg(),
     }
@@ -179,10 +235,19 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)))
 
 
-def write_results(name: str, payload: dict[str, Any]) -> Path:
-    """`benchmarks/results/<name>.json`, with the machine facts added."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=float) + "\n")
+def write_results(name: str, payload: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
+    """`<results_dir>/<name>.json` (default `benchmarks/results/`), with the machine facts."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=_json_value)
+                    + "\n")
     print(f"wrote {path}")
     return path
+
+
+def _json_value(value: Any) -> Any:
+    """Numbers JSON doesn't know (numpy, torch scalars) as floats; paths and the rest as text."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)

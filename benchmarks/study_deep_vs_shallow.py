@@ -2,6 +2,7 @@
 
     python benchmarks/study_deep_vs_shallow.py                          # GPU-sized defaults
     python benchmarks/study_deep_vs_shallow.py --quick --threads 1      # ~75 min on 1 CPU core
+    python benchmarks/study_deep_vs_shallow.py --smoke --model_name_or_path tiny ...   # seconds
 
 On SmolLM2-135M-Instruct's layer-6 MLP output (the cached activations; the last 16k tokens held
 out), every SAE trains on the same number of tokens with the project's training recipe (AuxK on
@@ -36,11 +37,10 @@ import matplotlib
 import torch
 from common import (
     BATCH_SIZE,
-    CONTEXT_LENGTH,
-    HOOKPOINT,
-    RESULTS_DIR,
+    ActivationSource,
+    activation_source,
+    add_common_arguments,
     batches,
-    cached_activations,
     make_train_step,
     print_table,
     train_eval_split,
@@ -49,7 +49,7 @@ from common import (
 from datasets import Dataset
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
-from hf_deepsae.activations import EMBEDDED_MODEL_NAME, load_language_model, tokenize_and_chunk
+from hf_deepsae.activations import load_language_model, tokenize_and_chunk
 from hf_deepsae.evaluation import ActivationMetrics, evaluate_saes
 from hf_deepsae.training.config import TrainingConfig
 from hf_deepsae.training.dead_latents import DeadLatentCounter
@@ -58,16 +58,13 @@ from hf_deepsae.training.optim import build_optimizers, build_scheduler
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-D_IN = 576
-ARCHITECTURES = {
-    "shallow": {},
-    "mlp-encoder": {"encoder_hidden": [D_IN]},
-    "deep": {"encoder_hidden": [D_IN], "decoder_hidden": [D_IN], "layer_norm": True},
-    "deep-2x": {"encoder_hidden": [2 * D_IN], "decoder_hidden": [2 * D_IN], "layer_norm": True},
-    **{f"stacked-{stages}": {"n_stacked": stages} for stages in range(2, 6)},
-}
+ARCHITECTURES = ("shallow", "mlp-encoder", "deep", "deep-2x",
+                 *(f"stacked-{stages}" for stages in range(2, 6)))
 QUICK = {"expansion_factor": 4, "batch_size": 1024, "train_tokens": 98_304, "ks": [8, 16, 32, 64],
          "optimizers": ["adam", "muon"], "std_coefficients": [0.0, 0.05], "ce_tokens": 1024}
+SMOKE = {"architectures": ["shallow", "deep", "stacked-2"], "ks": [8], "optimizers": ["muon"],
+         "std_coefficients": [0.0], "expansion_factor": 2, "batch_size": 64, "train_tokens": 128,
+         "eval_tokens": 256, "ce_tokens": 32, "fresh": True}
 RESULTS_NAME = "study_deep_vs_shallow"
 RECIPE_SETTINGS = ("expansion_factor", "batch_size", "train_tokens", "eval_tokens", "seed",
                    "ce_tokens")
@@ -77,15 +74,27 @@ CE_MODULES = ["argparse", "collections", "contextlib", "dataclasses", "functools
               "unittest", "urllib.request", "email", "asyncio", "inspect", "textwrap"]
 
 
-def sae_config(architecture: str, k: int, n_total_latents: int, std_coefficient: float
-               ) -> DeepSAEConfig:
+def architecture_fields(architecture: str, d_in: int) -> dict:
+    """`DeepSAEConfig` fields of an architecture; dense layers are d_in or 2·d_in wide."""
+    if architecture.startswith("stacked-"):
+        return {"n_stacked": int(architecture.removeprefix("stacked-"))}
+    if architecture == "shallow":
+        return {}
+    if architecture == "mlp-encoder":
+        return {"encoder_hidden": [d_in]}
+    width = 2 * d_in if architecture == "deep-2x" else d_in
+    return {"encoder_hidden": [width], "decoder_hidden": [width], "layer_norm": True}
+
+
+def sae_config(architecture: str, k: int, n_total_latents: int, std_coefficient: float,
+               source: ActivationSource, d_in: int) -> DeepSAEConfig:
     """The architecture at total L0 ≈ k and `n_total_latents` latents over all stages."""
-    overrides = dict(ARCHITECTURES[architecture])
+    overrides = architecture_fields(architecture, d_in)
     stages = overrides.pop("n_stacked", 1)
     return DeepSAEConfig(
-        d_in=D_IN, n_latents=n_total_latents // stages, k=max(1, round(k / stages)),
-        n_stacked=stages, std_coefficient=std_coefficient, hookpoint=HOOKPOINT,
-        base_model_name_or_path=EMBEDDED_MODEL_NAME, **overrides,
+        d_in=d_in, n_latents=n_total_latents // stages, k=max(1, round(k / stages)),
+        n_stacked=stages, std_coefficient=std_coefficient, hookpoint=source.hookpoint,
+        base_model_name_or_path=source.model_name_or_path, **overrides,
     )
 
 
@@ -121,12 +130,16 @@ def held_out_metrics(sae: DeepSAEModel, held_out: torch.Tensor, device: str) -> 
     return {"fvu": result.fvu, "l0": result.l0, "held_out_dead_fraction": result.dead_fraction}
 
 
-def ce_loss_scores(saes: dict[str, DeepSAEModel], tokens: int, device: str) -> dict[str, float]:
-    """CE-loss score of each SAE spliced into SmolLM2-135M, on stdlib docstrings (unseen text)."""
-    model, tokenizer = load_language_model(EMBEDDED_MODEL_NAME, dtype=torch.float32, device=device)
+def ce_loss_scores(saes: dict[str, DeepSAEModel], tokens: int, device: str,
+                   source: ActivationSource) -> dict[str, float]:
+    """CE-loss score of each SAE spliced into the language model, on stdlib docstrings (unseen
+    text)."""
+    model, tokenizer = load_language_model(source.model_name_or_path, dtype=torch.float32,
+                                           device=device)
     documents = [importlib.import_module(name).__doc__ or "" for name in CE_MODULES]
-    chunks = tokenize_and_chunk(Dataset.from_dict({"text": documents}), tokenizer, CONTEXT_LENGTH)
-    count = min(len(chunks), max(1, tokens // CONTEXT_LENGTH))
+    chunks = tokenize_and_chunk(Dataset.from_dict({"text": documents}), tokenizer,
+                                source.context_length)
+    count = min(len(chunks), max(1, tokens // source.context_length))
     token_batches = [chunks[i:i + 4]["input_ids"] for i in range(0, count, 4)]
     result = evaluate_saes(model, saes, token_batches)
     return {name: metrics.ce_loss_score for name, metrics in result.language_model.items()}
@@ -169,7 +182,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"2-CPU-core defaults: {QUICK} (explicit flags still win)")
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES),
-                        choices=list(ARCHITECTURES))
+                        choices=ARCHITECTURES)
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--optimizers", nargs="+", default=["adam", "muon"],
                         choices=["adam", "muon"])
@@ -187,8 +200,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true",
                         help="retrain every SAE instead of reusing finished runs from the JSON")
-    if parser.parse_known_args()[0].quick:
-        parser.set_defaults(**QUICK)
+    add_common_arguments(parser)
+    known = parser.parse_known_args()[0]
+    if known.quick or known.smoke:
+        parser.set_defaults(**(SMOKE if known.smoke else QUICK))
     return parser.parse_args()
 
 
@@ -198,7 +213,7 @@ def finished_runs(args: argparse.Namespace) -> dict[str, dict]:
     Results are written after every SAE, so an interrupted sweep, or the same sweep with more
     architectures, k or optimizers, trains only what is missing.
     """
-    path = RESULTS_DIR / f"{RESULTS_NAME}.json"
+    path = args.results_dir / f"{RESULTS_NAME}.json"
     if args.fresh or not path.is_file():
         return {}
     earlier = json.loads(path.read_text())
@@ -208,11 +223,11 @@ def finished_runs(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def add_ce_loss_scores(rows: list[dict], trained: dict[str, DeepSAEModel], device: str,
-                       tokens: int) -> None:
+                       tokens: int, source: ActivationSource) -> None:
     """The CE-loss score of the best run per (architecture, k); earlier runs keep theirs."""
     to_score = {row["name"]: trained[row["name"]] for row in best_runs(rows).values()
                 if row["name"] in trained}
-    scores = ce_loss_scores(to_score, tokens, device) if to_score else {}
+    scores = ce_loss_scores(to_score, tokens, device, source) if to_score else {}
     for row in rows:
         if row["name"] in trained or "ce_loss_score" not in row:
             row["ce_loss_score"] = scores.get(row["name"], math.nan)
@@ -221,8 +236,10 @@ def add_ce_loss_scores(rows: list[dict], trained: dict[str, DeepSAEModel], devic
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    train, held_out = train_eval_split(cached_activations(), args.eval_tokens, args.seed)
-    n_total_latents = args.expansion_factor * D_IN
+    source = activation_source(args)
+    train, held_out = train_eval_split(source.cached(), args.eval_tokens, args.seed)
+    d_in = train.shape[1]
+    n_total_latents = args.expansion_factor * d_in
     grid = list(itertools.product(args.architectures, args.ks, args.optimizers,
                                   args.std_coefficients))
     finished = finished_runs(args)
@@ -235,7 +252,7 @@ def main() -> None:
         if name in finished:
             rows.append(finished[name])
             continue
-        config = sae_config(architecture, k, n_total_latents, std_coefficient)
+        config = sae_config(architecture, k, n_total_latents, std_coefficient, source, d_in)
         sae, dead_fraction, seconds = train_one(config, optimizer, train, args)
         row = {"name": name, "architecture": architecture, "k": k, "optimizer": optimizer,
                "std_coefficient": std_coefficient, "n_total_latents": config.n_total_latents,
@@ -245,14 +262,14 @@ def main() -> None:
               f"({seconds:.0f} s)", flush=True)
         rows.append(row)
         trained[name] = sae
-        write_results(RESULTS_NAME, {"settings": vars(args), "runs": rows})
+        write_results(RESULTS_NAME, {"settings": vars(args), "runs": rows}, args.results_dir)
     if args.ce_tokens:
-        add_ce_loss_scores(rows, trained, args.device, args.ce_tokens)
+        add_ce_loss_scores(rows, trained, args.device, args.ce_tokens, source)
     print()
     print_table(rows, ["architecture", "k", "optimizer", "std_coefficient", "fvu", "l0",
                        "dead_fraction", "held_out_dead_fraction", "ce_loss_score", "train_s"])
-    write_results(RESULTS_NAME, {"settings": vars(args), "runs": rows})
-    plot_frontier(rows, str(RESULTS_DIR / "fvu_vs_l0.png"))
+    write_results(RESULTS_NAME, {"settings": vars(args), "runs": rows}, args.results_dir)
+    plot_frontier(rows, str(args.results_dir / "fvu_vs_l0.png"))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/study_interpretability.py --quick --threads 2  # the README's table
     python benchmarks/study_interpretability.py                      # 4,608 latents, 250k tokens
-    python benchmarks/study_interpretability.py --smoke --output_dir /tmp/smoke   # a minute
+    python benchmarks/study_interpretability.py --smoke --results_dir /tmp/smoke  # a minute
     python benchmarks/study_interpretability.py --judge_base_url http://localhost:8000/v1 \\
         --judge_model Qwen/Qwen2.5-7B-Instruct                       # adds the auto-interp column
 
@@ -34,20 +34,18 @@ from pathlib import Path
 import matplotlib
 import torch
 from common import (
-    CONTEXT_LENGTH,
     DEFAULT_CACHE_DIR,
-    HOOKPOINT,
-    RESULTS_DIR,
-    cached_activations,
+    ActivationSource,
+    activation_source,
+    add_common_arguments,
     machine,
     print_table,
     train_eval_split,
 )
-from study_deep_vs_shallow import D_IN, held_out_metrics, sae_config, train_one
+from study_deep_vs_shallow import held_out_metrics, sae_config, train_one
 
 from hf_deepsae import DeepSAEModel
 from hf_deepsae.activations import (
-    EMBEDDED_MODEL_NAME,
     load_language_model,
     load_text_dataset,
     tokenize_and_chunk,
@@ -71,7 +69,8 @@ ARCHITECTURES = ["shallow", "mlp-encoder", "deep-2x", "stacked-4"]
 LABELS = {"shallow": "shallow TopK", "mlp-encoder": "MLP encoder (576)",
           "deep-2x": "deep (1152, LayerNorm)", "stacked-4": "stacked x4"}
 SETTINGS = ("expansion_factor", "batch_size", "train_tokens", "eval_tokens", "seed", "optimizer",
-            "absorption_words", "probing_per_class", "judge_model", "smoke", "quick")
+            "absorption_words", "probing_per_class", "judge_model", "smoke", "quick",
+            "model_name_or_path", "hookpoint", "dataset_name", "context_length")
 """What makes two runs' rows comparable (a row's name says the architecture and k)."""
 QUICK = {"expansion_factor": 4, "train_tokens": 98_304}
 """The budget of `study_deep_vs_shallow.py --quick` (2,304 latents, one pass over the corpus)."""
@@ -94,8 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help=f"2-CPU-core budget: {QUICK} (explicit flags still win)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"a one-minute check of the whole pipeline: {SMOKE}")
     parser.add_argument("--architectures", nargs="+", default=ARCHITECTURES,
                         choices=ARCHITECTURES)
     parser.add_argument("--ks", type=int, nargs="+", default=[16, 32])
@@ -109,32 +106,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=SparseProbingConfig.n_train_per_class)
     parser.add_argument("--judge_base_url", default=None)
     parser.add_argument("--judge_model", default=None)
-    parser.add_argument("--output_dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--work_dir", type=Path, default=DEFAULT_CACHE_DIR / RESULTS_NAME,
                         help="where trained SAEs are kept (to resume)")
-    parser.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE_DIR,
-                        help="activation cache root")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="retrain and rescore every SAE")
     parser.add_argument("--rescore", action="store_true",
                         help="rescore every SAE, reusing the trained ones in --work_dir")
+    add_common_arguments(parser)
     known = parser.parse_known_args(argv)[0]
     if known.quick or known.smoke:
         parser.set_defaults(**(SMOKE if known.smoke else QUICK))
     return parser.parse_args(argv)
 
 
-def live_activations(model: torch.nn.Module, tokenizer, n_tokens: int) -> torch.Tensor:
-    """`[rows, 576]` activations of the first chunks of the default corpus (for `--smoke`)."""
-    chunks = tokenize_and_chunk(load_text_dataset(), tokenizer, CONTEXT_LENGTH)
-    ids = torch.as_tensor(chunks[:max(1, n_tokens // CONTEXT_LENGTH)]["input_ids"])
-    return capture_activations(model, ids, [HOOKPOINT])[HOOKPOINT].reshape(-1, D_IN).float()
+def live_activations(model: torch.nn.Module, tokenizer, n_tokens: int,
+                     source: ActivationSource) -> torch.Tensor:
+    """`[rows, d]` activations of the first chunks of the source's corpus (for `--smoke`)."""
+    chunks = tokenize_and_chunk(load_text_dataset(source.dataset_name), tokenizer,
+                                source.context_length)
+    ids = torch.as_tensor(chunks[:max(1, n_tokens // source.context_length)]["input_ids"])
+    activations = capture_activations(model, ids, [source.hookpoint])[source.hookpoint]
+    return activations.reshape(-1, activations.shape[-1]).float()
 
 
 def finished_rows(args: argparse.Namespace) -> dict[str, dict]:
-    path = args.output_dir / f"{RESULTS_NAME}.json"
+    path = args.results_dir / f"{RESULTS_NAME}.json"
     if args.fresh or args.rescore or not path.is_file():
         return {}
     earlier = read_json(path, required=("settings", "runs"),
@@ -145,7 +143,8 @@ def finished_rows(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def trained_sae(name: str, architecture: str, k: int, train: torch.Tensor,
-                args: argparse.Namespace) -> tuple[DeepSAEModel, dict]:
+                args: argparse.Namespace, source: ActivationSource
+                ) -> tuple[DeepSAEModel, dict]:
     """The SAE from `--work_dir` if this recipe trained it before, else trained now and saved."""
     folder = args.work_dir / name.replace(" ", "_").replace("=", "")
     recipe = {key: getattr(args, key) for key in SETTINGS}
@@ -155,7 +154,8 @@ def trained_sae(name: str, architecture: str, k: int, train: torch.Tensor,
                            fix="pass --fresh to train again (or delete the folder)")
         if record["recipe"] == recipe:
             return DeepSAEModel.from_pretrained(folder).to(args.device).eval(), record["training"]
-    config = sae_config(architecture, k, args.expansion_factor * D_IN, 0.0)
+    d_in = train.shape[1]
+    config = sae_config(architecture, k, args.expansion_factor * d_in, 0.0, source, d_in)
     sae, dead_fraction, seconds = train_one(config, args.optimizer, train, args)
     sae.save_pretrained(folder)
     training = {"dead_fraction": dead_fraction, "train_s": seconds}
@@ -171,7 +171,8 @@ def suite_for(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> Be
         judge = JudgeConfig(judge_model=args.judge_model, judge_base_url=args.judge_base_url,
                             judge_cache=str(args.work_dir / "judge_cache.sqlite"))
         autointerp = AutoInterpConfig()
-        chunks = tokenize_and_chunk(load_text_dataset(), tokenizer, autointerp.context_length)
+        chunks = tokenize_and_chunk(load_text_dataset(args.dataset_name), tokenizer,
+                                    autointerp.context_length)
         corpus = torch.as_tensor(
             chunks[:autointerp.n_tokens // autointerp.context_length]["input_ids"])
     smoke = {"n_icl_examples": 2, "max_k": 3} if args.smoke else {}
@@ -185,7 +186,7 @@ def suite_for(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> Be
         autointerp=autointerp, judge=judge, corpus_ids=corpus)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, site: str) -> None:
     """One panel per benchmark number, L0 on x, one line per architecture."""
     metrics = [(key, title) for key, title in COLUMNS[3:] if any(key in row for row in rows)]
     columns = 3
@@ -204,7 +205,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for axis in list(axes.flat)[len(metrics):]:
         axis.axis("off")
     axes.flat[0].legend(fontsize="small")
-    figure.suptitle("SmolLM2-135M layer-6 MLP out: interpretability at equal L0")
+    figure.suptitle(f"{site}: interpretability at equal L0")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -221,25 +222,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     finished = finished_rows(args)
     grid = [(f"{architecture} k={k}", architecture, k)
             for k in args.ks for architecture in args.architectures]
     print(f"{len(grid)} SAEs, {sum(name in finished for name, _, _ in grid)} already scored; "
           f"load average {os.getloadavg()}")
     if any(name not in finished for name, _, _ in grid):
-        model, tokenizer = load_language_model(EMBEDDED_MODEL_NAME, dtype=torch.float32,
+        source = activation_source(args)
+        model, tokenizer = load_language_model(source.model_name_or_path, dtype=torch.float32,
                                                device=args.device)
-        activations = (live_activations(model, tokenizer, args.train_tokens + args.eval_tokens)
-                       if args.smoke else cached_activations(args.cache_dir))
+        activations = (live_activations(model, tokenizer, args.train_tokens + args.eval_tokens,
+                                        source)
+                       if args.smoke else source.cached())
         train, held_out = train_eval_split(activations, args.eval_tokens, args.seed)
         suite = suite_for(args, model, tokenizer)
-    rows, path = [], args.output_dir / f"{RESULTS_NAME}.json"
+    rows, path = [], args.results_dir / f"{RESULTS_NAME}.json"
     for name, architecture, k in grid:
         if name in finished:
             rows.append(finished[name])
             continue
-        sae, training = trained_sae(name, architecture, k, train, args)
+        sae, training = trained_sae(name, architecture, k, train, args, source)
         scored = time.perf_counter()
         results = suite.evaluate(sae)
         row = {"name": name, "architecture": architecture, "k": k, **training,
@@ -254,7 +257,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print_table([{"SAE": row["name"]} | {title: row.get(key) for key, title in COLUMNS}
                  for row in rows], ["SAE", *shown])
     write_results(path, args, rows, total_s=time.perf_counter() - start)
-    plot(rows, args.output_dir / f"{RESULTS_NAME}.png")
+    plot(rows, args.results_dir / f"{RESULTS_NAME}.png",
+         f"{Path(args.model_name_or_path).name} {args.hookpoint}")
     return rows
 
 

@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from .files import file_identity
+from .precision import language_model_dtype
 from .splice import capture_activations
 
 EMBEDDED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -103,6 +104,9 @@ def load_language_model(
     and only then the Hub. The model's `name_or_path` is always the Hub id, so saved SAEs record
     provenance; weights that are not that checkpoint's (the GGUF) are named in
     `model.config.weights_source`. `verbose` prints what is loaded from where to stderr first.
+    `dtype="auto"` keeps the checkpoint's dtype unless it is a half dtype that `device` computes
+    slowly (`precision.language_model_dtype`: a bf16 checkpoint runs in fp32 on an AVX2 CPU,
+    where bf16 matmuls are ~100x slower).
     """
     source, load_kwargs = _model_source(name_or_path)
     weights_source, where = None, f"{source} (the Hub, its cache or a local folder)"
@@ -123,6 +127,8 @@ def load_language_model(
     if weights_source:
         model.config.weights_source = weights_source
     model.requires_grad_(False).eval()
+    if dtype == "auto" and device_map is None:
+        model.to(language_model_dtype(model.dtype, device))
     return (model.to(device) if device is not None and device_map is None else model), tokenizer
 
 

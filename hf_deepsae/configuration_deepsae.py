@@ -21,7 +21,7 @@ SPARSITY_KINDS = ("topk", "batchtopk", "jumprelu", "relu")
 TOPK_KINDS = ("topk", "batchtopk")
 HIDDEN_ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "leaky_relu")
 HOOK_SITES = ("mlp_out", "mlp_in", "resid")
-SELECTION_DTYPES = ("bfloat16", "float16")
+SELECTION_DTYPES = ("auto", "bfloat16", "float16")
 SAVED_FIELDS = ("d_in", "d_out", "n_latents", "sparsity", "encoder_hidden", "decoder_hidden",
                 "hidden_act", "layer_norm", "n_stacked", "transcoder", "normalize_input",
                 "hook_site")
@@ -124,12 +124,15 @@ class DeepSAEConfig(PretrainedConfig):
         jumprelu_init_threshold (`float`, defaults to 1e-3): initial JumpReLU threshold (>= 0).
         batchtopk_threshold_momentum (`float`, defaults to 0.99): EMA momentum of the inference
             threshold learned by `batchtopk`.
-        topk_selection_dtype (`str`, *optional*): `"bfloat16"` or `"float16"` to *choose* the k
-            latents (`topk` only) with a matmul in that precision, while the latents' values, the
-            gradients and the weights stay in the model's dtype. The encoder matmul bounds a top-k
-            step and runs ~2x faster in bf16 (GPUs, or CPUs with AVX512-BF16/AMX); the choice can
+        topk_selection_dtype (`str`, *optional*, defaults to `"auto"`): `"bfloat16"` or
+            `"float16"` to *choose* the k latents (`topk` only) with a matmul in that precision,
+            while the latents' values, the gradients and the weights stay in the model's dtype.
+            The encoder matmul bounds a top-k step and runs ~2x faster in bf16 where bf16 is
+            native and fast, but ~100x slower where it is emulated (AVX2 CPUs); the choice can
             differ from full precision only among near-ties at the k-th largest pre-activation.
-            `None` (default): choose in the model's dtype.
+            `"auto"`: bf16 on devices whose bf16 matmuls `hf_deepsae.precision` finds fast, else
+            exact (no effect on other sparsities). `None` (or `"none"`): always in the model's
+            dtype (under autocast, in autocast's).
         check_inputs (`bool`, defaults to `True`): reject NaN/inf inputs in `forward` (one cheap
             reduction; switch off for maximum speed).
         initializer_range (`float`, *optional*): std of a normal init of every `Linear` layer's
@@ -172,7 +175,7 @@ class DeepSAEConfig(PretrainedConfig):
         jumprelu_bandwidth: float = 1e-3,
         jumprelu_init_threshold: float = 1e-3,
         batchtopk_threshold_momentum: float = 0.99,
-        topk_selection_dtype: str | None = None,
+        topk_selection_dtype: str | None = "auto",
         check_inputs: bool = True,
         initializer_range: float | None = None,
         base_model_name_or_path: str | None = None,
@@ -211,7 +214,7 @@ class DeepSAEConfig(PretrainedConfig):
         self.jumprelu_bandwidth = jumprelu_bandwidth
         self.jumprelu_init_threshold = jumprelu_init_threshold
         self.batchtopk_threshold_momentum = batchtopk_threshold_momentum
-        self.topk_selection_dtype = topk_selection_dtype
+        self.topk_selection_dtype = None if topk_selection_dtype == "none" else topk_selection_dtype
         self.check_inputs = check_inputs
         self.initializer_range = initializer_range
         self.base_model_name_or_path = base_model_name_or_path
@@ -294,7 +297,7 @@ class DeepSAEConfig(PretrainedConfig):
             if self.topk_selection_dtype not in SELECTION_DTYPES:
                 _fail("topk_selection_dtype", self.topk_selection_dtype,
                       f"choose one of {list(SELECTION_DTYPES)} or None")
-            if self.sparsity != "topk":
+            if self.sparsity != "topk" and self.topk_selection_dtype != "auto":
                 _fail("topk_selection_dtype", self.topk_selection_dtype,
                       f"it applies to sparsity='topk' only (this config has {self.sparsity!r}); "
                       "drop it")

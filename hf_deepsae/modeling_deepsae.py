@@ -4,8 +4,9 @@ Every architecture is a stack of `SparseStage`s (one unless `n_stacked > 1`). A 
 `encoder MLP → Linear → sparsity → decoder (W_dec, then an optional MLP) + b_dec`. Stacked stages
 are residual: stage i encodes what stages < i left unexplained and the reconstructions add up.
 
-This file, `configuration_deepsae.py`, `sparsity.py` and `pre_activation_std.py` are copied next to
-every saved checkpoint (`auto_map`), so they import nothing from hf_deepsae beyond each other.
+This file, `configuration_deepsae.py`, `sparsity.py`, `pre_activation_std.py` and `precision.py`
+are copied next to every saved checkpoint (`auto_map`), so they import nothing from hf_deepsae
+beyond each other.
 """
 
 from __future__ import annotations

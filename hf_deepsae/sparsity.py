@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_deepsae import DeepSAEConfig
+from .precision import topk_selection_dtype
 
 
 class _GatherLinear(torch.autograd.Function):
@@ -172,21 +173,27 @@ def selection_pre_acts(hidden: torch.Tensor, linear: nn.Linear, dtype: str | Non
     """`linear(hidden)` (no gradient) for choosing the top-k latents, written into `workspace`.
 
     Computed in `dtype` (a torch dtype name) if given, else in autocast's dtype when autocast is
-    on, else in the weight's: `gather_linear` recomputes the chosen values at the weight's
-    precision when these are of lower precision, so a bf16 choice halves the matmul that bounds
-    the step without rounding the values, gradients or weights. `hidden` is `[B, d]`.
+    on, else, for `"auto"`, in the dtype `precision.topk_selection_dtype` picks for the device,
+    else in the weight's: `gather_linear` recomputes the chosen values at the weight's precision
+    when these are of lower precision, so a bf16 choice halves the matmul that bounds the step
+    (where bf16 is fast) without rounding the values, gradients or weights. `hidden` is `[B, d]`.
     """
     weight = linear.weight
-    if dtype is not None:
-        compute_dtype = getattr(torch, dtype)
-    elif torch.is_autocast_enabled(hidden.device.type):
-        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
-    else:
-        compute_dtype = weight.dtype
+    compute_dtype = selection_dtype(dtype, hidden.device, weight.dtype)
     out = workspace.get((hidden.shape[0], weight.shape[0]), compute_dtype, hidden.device)
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         return torch.addmm(linear.bias.to(compute_dtype), hidden.to(compute_dtype),
                            weight.to(compute_dtype).T, out=out)
+
+
+def selection_dtype(dtype: str | None, device: torch.device, weight_dtype: torch.dtype
+                    ) -> torch.dtype:
+    """The dtype `selection_pre_acts` chooses latents in, here and now (autocast included)."""
+    if dtype not in (None, "auto"):
+        return getattr(torch, dtype)
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return topk_selection_dtype(device, weight_dtype) if dtype == "auto" else weight_dtype
 
 
 def topk_select(pre_acts: torch.Tensor, k: int) -> torch.Tensor:

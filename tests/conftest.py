@@ -36,3 +36,14 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(params=["bf16 fast", "bf16 slow"])
+def bf16_is_fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both branches of every precision choice on any machine: `hf_deepsae.precision` told that
+    this device's bf16 matmuls are fast (an AVX512-BF16/AMX CPU, an A100), then that they are not
+    (an AVX2 CPU, a T4); fp16 counts as slow in both."""
+    fast = request.param == "bf16 fast"
+    monkeypatch.setenv("HF_DEEPSAE_FAST_BF16", "1" if fast else "0")
+    monkeypatch.setenv("HF_DEEPSAE_FAST_FP16", "0")
+    return fast

@@ -17,6 +17,7 @@ from hf_deepsae.files import (
     load_safetensors,
     read_json,
 )
+from hf_deepsae.interop import to_saelens, to_sparsify
 from hf_deepsae.interpret import LatentCache
 
 FIX = "delete it and run again"
@@ -113,8 +114,19 @@ def write_latent_cache(folder):
                 n_latents=8).save(folder, n_splits=2)
 
 
-@pytest.mark.parametrize("write", [write_sae, write_sae_folder, write_latent_cache],
-                         ids=["save_pretrained", "save_saes", "latent_cache"])
+def write_sparsify_export(folder):
+    to_sparsify(DeepSAEModel(DeepSAEConfig(d_in=8, n_latents=16, k=2)), folder)
+
+
+def write_saelens_export(folder):
+    to_saelens(DeepSAEModel(DeepSAEConfig(d_in=8, n_latents=16, k=2)), folder,
+               hook_name="blocks.0.hook_mlp_out")
+
+
+@pytest.mark.parametrize("write", [write_sae, write_sae_folder, write_latent_cache,
+                                   write_sparsify_export, write_saelens_export],
+                         ids=["save_pretrained", "save_saes", "latent_cache", "to_sparsify",
+                              "to_saelens"])
 def test_every_file_written_gets_the_umask_mode(tmp_path, write):
     """safetensors >= 0.8 creates its files 0600 (safetensors#782): an SAE must not be private."""
     previous = os.umask(0o027)

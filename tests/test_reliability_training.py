@@ -277,9 +277,10 @@ def test_a_state_holding_an_object_is_refused_by_name(tmp_path):
         write_state(tmp_path, "state", {"param_groups": [{"fn": object()}]})
 
 
-def test_the_printed_command_reproduces_the_run(tiny_lm, tmp_path):
+@pytest.mark.parametrize("save_total_limit", [5, None])
+def test_the_printed_command_reproduces_the_run(tiny_lm, tmp_path, save_total_limit):
     config = tiny_config(tiny_lm, tmp_path, streaming=True, hookpoints=[HOOKPOINT],
-                         save_total_limit=5, optimizer="adamw", lr=1e-3 / 3)
+                         save_total_limit=save_total_limit, optimizer="adamw", lr=1e-3 / 3)
     sae = sae_config_kwargs({**TINY_SAE, "encoder_hidden": [], "layer_norm": False})
     command = resume_command(config, sae, num_processes=1, resume_from_checkpoint="latest")
     parsed_config, parsed_sae = parse_args(shlex.split(command)[2:])

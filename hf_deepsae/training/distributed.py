@@ -39,6 +39,7 @@ from .latent_sharding import (
     sharded_parameter_names,
     sharded_parameters,
 )
+from .muon import Muon
 from .sharded_muon import ShardedMuon
 from .sharded_state import gather_model_state, model_from_state, run_state
 from .state_files import nonfinite_tensors
@@ -115,7 +116,7 @@ class SAEParallelism:
         """The Muon optimizer class for `sae`'s matrices (`ShardedMuon` for a latent shard)."""
         if self.mode == "latents":
             return functools.partial(ShardedMuon, row_shards=sharded_parameters(sae))
-        return torch.optim.Muon
+        return Muon
 
     def prepare(self, sae: DeepSAEModel, optimizers: list, schedulers: list
                 ) -> tuple[Any, list, list]:

@@ -53,11 +53,12 @@ def evaluate_runs(runs: list[SAERun], model: Any, eval_chunks: Any, config: Trai
 
 def finish_run(runs: list[SAERun], targets: list[Target], parallelism: SAEParallelism,
                model: Any, eval_chunks: Any, stream: ActivationStream, config: TrainingConfig,
-               num_steps: int, accelerator: Accelerator, output_dir: Path
-               ) -> dict[str, DeepSAEModel]:
-    """Evaluate on held-out tokens, record config + metrics in each SAE, save (and push); returns
-    the SAEs this process holds whole (every SAE on the main process, `{}` on the others in the
-    distributed modes). Collective; ends the training (and the process group)."""
+               num_steps: int, accelerator: Accelerator, output_dir: Path,
+               precision: dict[str, str | None]) -> dict[str, DeepSAEModel]:
+    """Evaluate on held-out tokens, record config + metrics (and the run's `precision`
+    choices) in each SAE, save (and push); returns the SAEs this process holds whole (every SAE
+    on the main process, `{}` on the others in the distributed modes). Collective; ends the
+    training (and the process group)."""
     accelerator.wait_for_everyone()
     results = evaluate_runs(runs, model, eval_chunks, config, accelerator) \
         if parallelism.evaluates_here and runs else {}
@@ -68,7 +69,8 @@ def finish_run(runs: list[SAERun], targets: list[Target], parallelism: SAEParall
     if accelerator.is_main_process:
         results = {name: result for name, (_, (result, _)) in finished.items()}
         for sae, (result, dead_fraction) in finished.values():
-            _record(sae, result, dead_fraction, model, stream, config, num_steps, accelerator)
+            _record(sae, result, dead_fraction, model, stream, config, num_steps, accelerator,
+                    precision)
         save_saes(saes, output_dir, density_plots={
             name: result.feature_density for name, result in results.items()})
         for name, sae in saes.items():
@@ -90,14 +92,14 @@ def finish_run(runs: list[SAERun], targets: list[Target], parallelism: SAEParall
 
 def _record(sae: DeepSAEModel, result: ActivationMetricsResult, dead_fraction: float, model: Any,
             stream: ActivationStream, config: TrainingConfig, num_steps: int,
-            accelerator: Accelerator) -> None:
+            accelerator: Accelerator, precision: dict[str, str | None]) -> None:
     """Write how `sae` was trained and how well it does into its config (and so its card)."""
     weights = getattr(model.config, "weights_source", None)  # see load_language_model
     sae.config.training_config = {
         **config.record(), **({"model_weights": weights} if weights else {}),
         "lr": config.resolved_lr(sae.config.n_latents),
         "dead_threshold_tokens": config.resolved_dead_threshold_tokens(),
-        "mixed_precision": accelerator.mixed_precision,
+        "precision": precision,
         "num_processes": accelerator.num_processes, "num_steps": num_steps}
     sae.config.metrics = {
         **result.scalars(), "dead_fraction_training": dead_fraction,

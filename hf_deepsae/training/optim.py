@@ -1,9 +1,10 @@
 """Optimizers and schedules: Adam(W), Muon on matrices + AdamW on the rest, lr and std schedules,
 and `update_sae`, the recipe's optimizer update that every training loop shares.
 
-Muon (`torch.optim.Muon`) orthogonalises each 2-D weight's update, so every direction of a matrix
-moves at the same rate; with `adjust_lr_fn="match_rms_adamw"` its update RMS matches AdamW's, so
-one learning rate serves both groups. Vectors (biases, LayerNorm, thresholds) stay on AdamW.
+Muon (`training.muon.Muon`: `torch.optim.Muon` orthogonalising in a dtype this device computes
+fast) orthogonalises each 2-D weight's update, so every direction of a matrix moves at the same
+rate; with `adjust_lr_fn="match_rms_adamw"` its update RMS matches AdamW's, so one learning rate
+serves both groups. Vectors (biases, LayerNorm, thresholds) stay on AdamW.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from torch import nn
 from transformers import get_scheduler
 
 from .config import TrainingConfig
+from .muon import Muon
 
 
 def build_optimizers(sae: nn.Module, config: TrainingConfig, lr: float,
-                     muon_class: Callable[..., torch.optim.Optimizer] = torch.optim.Muon
+                     muon_class: Callable[..., torch.optim.Optimizer] = Muon
                      ) -> list[torch.optim.Optimizer]:
     """The optimizer(s) of one SAE: one for adam/adamw, Muon + AdamW for muon.
 
-    `muon_class` takes `torch.optim.Muon`'s arguments (`ShardedMuon` for latent-sharded SAEs).
+    `muon_class` takes `Muon`'s arguments (`ShardedMuon` for latent-sharded SAEs).
     """
     params = [p for p in sae.parameters() if p.requires_grad]
     betas = (config.adam_beta1, config.adam_beta2)
@@ -39,6 +41,7 @@ def build_optimizers(sae: nn.Module, config: TrainingConfig, lr: float,
     optimizers: list[torch.optim.Optimizer] = [muon_class(
         matrices, lr=lr, weight_decay=config.weight_decay, momentum=config.muon_momentum,
         adjust_lr_fn="match_rms_adamw",
+        orthogonalization_dtype=config.muon_orthogonalization_dtype,
     )]
     if vectors:
         optimizers.append(torch.optim.AdamW(vectors, lr=lr, betas=betas, weight_decay=0.0,

@@ -40,10 +40,12 @@ RESUMABLE_FIELDS = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "activation_cache_dir",
     "logging_steps", "log_with", "checkpointing_steps", "checkpointing_minutes",
     "save_total_limit", "push_to_hub", "hub_model_id", "lr", "max_grad_norm", "mixed_precision",
-    "shard_latents", "distribute_hookpoints", "lm_device_map", "ddp_timeout",
+    "muon_orthogonalization_dtype", "shard_latents", "distribute_hookpoints", "lm_device_map",
+    "ddp_timeout",
 })
 """Fields a resumed run may change: where things go, logging and checkpointing, the knobs that
-rescue a diverging run (a new `lr` rescales the restored schedule), and where the SAEs and the
+rescue a diverging run (a new `lr` rescales the restored schedule), the precision of the SAE's
+arithmetic (a run may resume on a machine whose fast dtypes differ), and where the SAEs and the
 model live (every mode trains the same SAEs from the same checkpoint files, so a run that outgrew
 DDP may continue latent-sharded; equal up to float rounding, bit-identical only in the same
 mode). Everything else, the number of processes included (each continues its own data), decides

@@ -9,7 +9,8 @@ and without gathering the matrix: an SAE's sharded matrices are tall (`n_latents
 sum over latents. Each iteration all-reduces that `d × d` Gram (plus the Frobenius norm once), and
 every other product acts on this shard's own columns. Cost: `ns_steps + 1` all-reduces of `d²`
 floats per matrix per step, instead of moving `n·d`. The learning-rate adjustment uses the full
-shape. Replicated (unsharded) matrices take `torch.optim.Muon`'s own path.
+shape. Replicated (unsharded) matrices take `Muon`'s own orthogonalisation; both iterate in the
+dtype `Muon.dtype_for` picks (fp32 where this device's bf16 matmuls are slow).
 """
 
 from __future__ import annotations
@@ -18,18 +19,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from .latent_sharding import LatentShard, identical_sum
+from .muon import Muon, adjusted_lr, orthogonalize
 
 
-class ShardedMuon(torch.optim.Muon):
-    """`torch.optim.Muon` (same arguments, state and `state_dict`) where some parameters are row
-    shards: `row_shards` maps each such parameter to its `LatentShard`.
+class ShardedMuon(Muon):
+    """`Muon` (same arguments, state and `state_dict`) where some parameters are row shards:
+    `row_shards` maps each such parameter to its `LatentShard`.
 
-    `orthogonalized` is the one place that turns a momentum update into Muon's direction, and
-    `dtype_for` the one place that picks the Newton-Schulz dtype (bf16, as torch's), for sharded
-    and replicated matrices alike.
+    `orthogonalized` is the one place that turns a momentum update into Muon's direction, in
+    the dtype `dtype_for` picks, for sharded and replicated matrices alike.
     """
 
     def __init__(self, params: Any, *, row_shards: dict[torch.Tensor, LatentShard],
@@ -37,27 +37,23 @@ class ShardedMuon(torch.optim.Muon):
         super().__init__(params, **kwargs)
         self.row_shards = row_shards
 
-    def dtype_for(self, param: torch.Tensor) -> torch.dtype:
-        """The dtype `param`'s update is orthogonalised in."""
-        return torch.bfloat16
-
     def orthogonalized(self, update: torch.Tensor, param: torch.Tensor, group: dict[str, Any]
                        ) -> torch.Tensor:
         """Muon's orthogonalised `update` of `param`: of the whole matrix, this shard's rows."""
         options = (group["ns_coefficients"], group["ns_steps"], group["eps"])
+        dtype = self.dtype_for(param)
 
         def whole(matrix: torch.Tensor) -> torch.Tensor:
-            return _zeropower_via_newtonschulz(matrix, *options)
+            return orthogonalize(matrix, dtype, *options)
 
         shard = self.row_shards.get(param)
         if shard is None:
             return whole(update)
-        return sharded_newton_schulz(update, shard, self.dtype_for(param), *options,
-                                     whole=whole)
+        return sharded_newton_schulz(update, shard, dtype, *options, whole=whole)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """One Muon step: the arithmetic of `torch.optim.Muon` with a sharded orthogonalisation."""
+        """One Muon step: the arithmetic of `Muon` with a sharded orthogonalisation."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -78,7 +74,8 @@ class ShardedMuon(torch.optim.Muon):
                     torch.Size((shard.n_latents, *param.shape[1:]))
                 update = self.orthogonalized(update, param, group)
                 param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+                param.add_(update.to(param.dtype),
+                           alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape))
         return loss
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env, set_seed
 from huggingface_hub import get_token
 from tqdm.auto import tqdm
 
@@ -60,6 +60,7 @@ from .finish import finish_run
 from .interruption import StopRequests, TrainingInterrupted, agreed_flags
 from .optim import build_optimizers, build_scheduler, std_coefficient_at, update_sae
 from .run_identity import RunPosition, hold_output_dir, prepare_output_dir, run_settings
+from .run_precision import agree_on_precision, describe, precision_choices
 from .targets import SAERun, Target, capture_sites, resolve_targets, sae_configs, site_name
 
 
@@ -192,8 +193,11 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
     """
     sae_kwargs = sae_config_kwargs(sae_arguments)
     _check_early(config, sae_kwargs)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator will
+    agree_on_precision(state)
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, log_with=config.log_with,
+        mixed_precision=config.resolved_mixed_precision(state.device),
+        log_with=config.log_with,
         project_dir=config.output_dir, step_scheduler_with_optimizer=False,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[process_group_kwargs(config.ddp_timeout)])
@@ -264,6 +268,8 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
     prepare_output_dir(config, output_dir, position.settings, accelerator,
                        resumed=None if checkpoint is None else (checkpoint,
                                                                 recorded["run_settings"]))
+    choices = precision_choices(config, sae_kwargs, accelerator, model.dtype)
+    accelerator.print(describe(choices))
     with accelerator.main_process_first():
         chunks = tokenize_and_chunk(dataset, tokenizer, config.context_length, config.text_column)
     shard, eval_chunks = split_chunks(chunks, config, accelerator)
@@ -291,7 +297,7 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
     except NonFiniteStateError as error:
         raise RuntimeError(position.diverged_message(error)) from None
     return finish_run(runs, targets, parallelism, model, eval_chunks, stream, config, num_steps,
-                      accelerator, output_dir)
+                      accelerator, output_dir, choices)
 
 
 def _training_loop(states: TrainingStates, targets: list[Target], stream: ActivationStream,
