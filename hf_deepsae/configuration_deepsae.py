@@ -144,6 +144,9 @@ class DeepSAEConfig(PretrainedConfig):
         layer (`int`, *optional*): the base model's layer index of the hookpoint.
         training_config (`dict`, *optional*): the training run's settings, recorded for provenance.
         metrics (`dict`, *optional*): evaluation results (FVU, L0, dead %, CE-loss score…).
+        neuronpedia_id (`str`, *optional*): the SAE's feature pages on Neuronpedia,
+            `"<model_id>/<source>"` (`interop.to_neuronpedia` records it); the model card links
+            them.
 
     Any other keyword argument is an error (with the closest valid name), as is a saved config
     that lacks one of `SAVED_FIELDS`.
@@ -184,6 +187,7 @@ class DeepSAEConfig(PretrainedConfig):
         layer: int | None = None,
         training_config: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
+        neuronpedia_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         unknown = unknown_keys(type(self), kwargs)
@@ -223,6 +227,7 @@ class DeepSAEConfig(PretrainedConfig):
         self.layer = layer
         self.training_config = training_config
         self.metrics = metrics
+        self.neuronpedia_id = neuronpedia_id
         self._validate()
         super().__init__(**kwargs)
 
@@ -322,7 +327,7 @@ class DeepSAEConfig(PretrainedConfig):
                   "use a finite std > 0, or None for Kaiming-uniform")
 
     def _validate_provenance(self) -> None:
-        for field in ("base_model_name_or_path", "hookpoint"):
+        for field in ("base_model_name_or_path", "hookpoint", "neuronpedia_id"):
             if getattr(self, field) is not None and not isinstance(getattr(self, field), str):
                 _fail(field, getattr(self, field), "it must be a string or None")
         if self.layer is not None and (not _is_int(self.layer) or self.layer < 0):

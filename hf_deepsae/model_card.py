@@ -28,6 +28,7 @@ from .provenance import (
 )
 
 DEFAULT_LICENSE = "apache-2.0"
+NEURONPEDIA_URL = "https://www.neuronpedia.org"
 
 # Installed wheels carry the templates inside the package; a source checkout keeps them at the root.
 _PACKAGED_TEMPLATES = Path(__file__).with_name("model_cards")
@@ -248,10 +249,14 @@ def _card_data(configs: Mapping[str, DeepSAEConfig], model_name: str, license: s
         result for name, config in configs.items()
         for result in _eval_results(config, name if per_hookpoint else None)
     ]
+    neuronpedia = {name: config.neuronpedia_id for name, config in configs.items()
+                   if config.neuronpedia_id}
+    links = ({"neuronpedia_id": neuronpedia[""]} if "" in neuronpedia
+             else {"neuronpedia_ids": neuronpedia} if neuronpedia else {})
     return ModelCardData(
         library_name="hf_deepsae", license=license, tags=list(dict.fromkeys(tags)),
         base_model=base_models or None, datasets=datasets or None, model_name=model_name,
-        eval_results=eval_results or None,
+        eval_results=eval_results or None, **links,
     )
 
 
@@ -261,6 +266,11 @@ def _render(template: str, **variables: Any) -> ModelCard:
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False,
     )
     return ModelCard(environment.get_template(template).render(**variables))
+
+
+def neuronpedia_url(neuronpedia_id: str) -> str:
+    """The feature pages of an SAE's Neuronpedia id (`"<model_id>/<source>"`)."""
+    return f"{NEURONPEDIA_URL}/{neuronpedia_id}"
 
 
 def _where(config: DeepSAEConfig) -> str:
@@ -307,6 +317,9 @@ def sae_card(sae: DeepSAEModel, *, repo_id: str, subfolder: str | None = None,
         ("Trained on", trained_on),
     ] + [(METRICS[key][0], _format(key, metrics[key])) for key in ("fvu", "ce_loss_score")
          if key in metrics]
+    if config.neuronpedia_id:
+        facts.append(("Feature pages", f"[Neuronpedia: {config.neuronpedia_id}]"
+                                       f"({neuronpedia_url(config.neuronpedia_id)})"))
     summary = (f"A sparse autoencoder made with hf_deepsae: {config.n_total_latents:,} latents "
                f"({config.architecture}, {config.sparsity}) reading {_where(config)} of "
                f"{f'`{public_value(base)}`' if base else 'its language model'}.")
@@ -348,6 +361,8 @@ def collection_card(saes: Mapping[str, DeepSAEModel], *, repo_id: str,
         rows.append({
             "subfolder": name, "hookpoint": _where(config), "architecture": config.architecture,
             "latents": f"{config.n_total_latents:,}",
+            "neuronpedia": neuronpedia_url(config.neuronpedia_id) if config.neuronpedia_id
+            else None,
             **{key: _format(key, metrics[key]) if key in metrics else "—"
                for key in ("l0", "fvu", "ce_loss_score")},
         })

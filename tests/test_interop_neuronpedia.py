@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from tiny_models import HIDDEN_SIZE, VOCAB_SIZE, judge_tokenizer, tiny_input_ids, tiny_model
 
-from hf_deepsae import DeepSAEConfig, DeepSAEModel
+from hf_deepsae import DeepSAEConfig, DeepSAEModel, save_saes
 from hf_deepsae.interop import to_neuronpedia
 from hf_deepsae.interpret import (
     ContextWindows,
@@ -108,3 +109,26 @@ def test_explanations_and_link_fields_are_written(exported):
     links = json.loads((folder / "neuronpedia.json").read_text())
     assert links == {"neuronpedia_id": "tiny-llama/1-deepsae",
                      "neuronpedia_url": "https://www.neuronpedia.org/tiny-llama/1-deepsae"}
+
+
+def test_the_saved_sae_card_links_its_feature_pages(exported, tmp_path):
+    """The id `to_neuronpedia` records travels with the SAE: its own card and its collection's
+    card link the pages, and the metadata carries the id."""
+    _, sae, _, _, _ = exported
+    assert sae.config.neuronpedia_id == "tiny-llama/1-deepsae"
+    save_saes({"model.layers.1.mlp": sae}, tmp_path)
+    url = "https://www.neuronpedia.org/tiny-llama/1-deepsae"
+    card = ModelCard.load(tmp_path / "model.layers.1.mlp" / "README.md")
+    assert card.data.neuronpedia_id == "tiny-llama/1-deepsae"
+    assert f"| Feature pages | [Neuronpedia: tiny-llama/1-deepsae]({url}) |" in card.text
+    collection = ModelCard.load(tmp_path / "README.md")
+    assert collection.data.neuronpedia_ids == {"model.layers.1.mlp": "tiny-llama/1-deepsae"}
+    assert f"([Neuronpedia]({url}))" in collection.text
+    assert DeepSAEModel.from_pretrained(
+        tmp_path / "model.layers.1.mlp").config.neuronpedia_id == "tiny-llama/1-deepsae"
+
+
+def test_an_sae_without_pages_has_no_link(tmp_path):
+    save_saes({"layer": DeepSAEModel(DeepSAEConfig(d_in=8, n_latents=16, k=2))}, tmp_path)
+    card = ModelCard.load(tmp_path / "layer" / "README.md")
+    assert "Neuronpedia" not in card.content and "neuronpedia_id" not in card.data.to_dict()

@@ -85,7 +85,7 @@ def test_bad_values_fail_at_construction(field, value, message):
 def test_sae_overrides_apply_on_top_of_the_recipe():
     kwargs = sae_config_kwargs({"k": 4})
     assert kwargs["k"] == 4 and kwargs["encoder_hidden"] == DEFAULT_SAE_RECIPE["encoder_hidden"]
-    with pytest.raises(ValueError, match="set by the trainer"):
+    with pytest.raises(ValueError, match="recorded by the trainer, not chosen"):
         sae_config_kwargs({"d_in": 8})
 
 

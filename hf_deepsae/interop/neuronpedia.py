@@ -15,7 +15,9 @@ corpus shape), `sample_examples`' `LatentExamples` (top and quantile windows) an
 plus hf_deepsae's detection scores). Directions are `latent_directions()`, the effective direction
 for nonlinear decoders (the logit tables then describe the decoder near activation 1).
 Correlated-neuron/feature tables and attention-head allocations aren't computed (empty lists).
-`neuronpedia.json` holds the link fields for the Hub model card (`neuronpedia_id`, url).
+`neuronpedia.json` holds the link fields (`neuronpedia_id`, url); the id is also recorded in
+`sae.config.neuronpedia_id`, so the model card of the SAE saved or pushed afterwards links its
+feature pages.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..files import atomic_write_json
 from ..interpret import LatentCache, LatentExamples, LatentScore, token_strings
+from ..model_card import neuronpedia_url
 from ..modeling_deepsae import DeepSAEModel
-
-NEURONPEDIA_URL = "https://www.neuronpedia.org"
 
 
 def to_neuronpedia(folder: str | Path, sae: DeepSAEModel, cache: LatentCache,
@@ -52,6 +53,8 @@ def to_neuronpedia(folder: str | Path, sae: DeepSAEModel, cache: LatentCache,
             tables; without it they stay empty.
         scores: `score_latents` results, exported with their explanations.
         explanation_model: the judge that wrote the explanations.
+
+    Records the SAE's Neuronpedia id in `sae.config.neuronpedia_id` (for its model card).
     """
     layer = sae.config.layer if layer is None else layer
     if layer is None:
@@ -69,10 +72,12 @@ def to_neuronpedia(folder: str | Path, sae: DeepSAEModel, cache: LatentCache,
         atomic_write_json(folder / "explanations.json", [
             _explanation(score, model_id, source, explanation_model)
             for score in scores if score.explanation is not None])
+    sae.config.neuronpedia_id = f"{model_id}/{source}"
     atomic_write_json(folder / "neuronpedia.json", {
-        "neuronpedia_id": f"{model_id}/{source}",
-        "neuronpedia_url": f"{NEURONPEDIA_URL}/{model_id}/{source}"})
+        "neuronpedia_id": sae.config.neuronpedia_id,
+        "neuronpedia_url": neuronpedia_url(sae.config.neuronpedia_id)})
     return folder
+
 
 
 def _feature(sae: DeepSAEModel, cache: LatentCache, examples: LatentExamples,

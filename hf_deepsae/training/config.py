@@ -56,7 +56,9 @@ nothing elsewhere, so the SAE's training record (`config.training_config`, shown
 card) leaves them out."""
 
 _SET_BY_TRAINER = ("d_in", "d_out", "base_model_name_or_path", "hookpoint", "hook_site", "layer",
-                   "training_config", "metrics")
+                   "training_config", "metrics", "neuronpedia_id")
+"""`DeepSAEConfig` fields that are records, not choices: the trainer fills them in from the base
+model and the run (exports add `neuronpedia_id`), so they are no training flags."""
 
 
 @dataclasses.dataclass
@@ -418,6 +420,6 @@ def sae_config_kwargs(sae_arguments: Any = None) -> dict[str, Any]:
         overrides = dict(sae_arguments or {})
         for name in _SET_BY_TRAINER:
             if name in overrides:
-                raise ValueError(f"{name} is set by the trainer from the base model; don't pass it")
+                raise ValueError(f"{name} is recorded by the trainer, not chosen; don't pass it")
         sae_arguments = SAEArguments(**overrides)
     return dataclasses.asdict(sae_arguments)
