@@ -11,6 +11,7 @@ from tiny_models import ENGLISH_WORDS, tiny_model, word_tokenizer
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
 
 HOOKPOINT = "model.layers.0.mlp.down_proj"
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # main() builds an Accelerator
 
 
 @pytest.fixture(scope="module")
