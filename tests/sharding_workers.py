@@ -8,7 +8,7 @@ one. It records both runs' metrics, chosen latents and weights, the memory each 
 round trip through the trainer's checkpoint files, in `<out>/rank<r>.pt` for the test to judge.
 The runs use Adam, whose arithmetic is the same sharded or not; Muon's orthogonalisation, rounded
 to bf16 as torch's, turns last-bit differences into visible ones within a few steps, so it is
-checked by itself (`muon_steps`): one `ShardedMuon` step against `torch.optim.Muon` on the full
+checked by itself (`muon_steps`): one `ShardedMuon` step against `Muon` on the full
 matrix.
 """
 
@@ -29,6 +29,7 @@ from hf_deepsae.training.dead_latents import DeadLatentCounter
 from hf_deepsae.training.distributed import SAEParallelism, TrainingStates
 from hf_deepsae.training.failures import check_same_on_every_process
 from hf_deepsae.training.latent_sharding import LatentShard, shard_sae
+from hf_deepsae.training.muon import Muon
 from hf_deepsae.training.sharded_muon import ShardedMuon
 from hf_deepsae.training.sharded_state import gather_model_state
 from hf_deepsae.training.targets import SAERun, Target, site_name
@@ -77,27 +78,31 @@ def disagreement_error(accelerator: Accelerator) -> str:
 
 
 def muon_steps(accelerator: Accelerator) -> dict:
-    """Two steps of `torch.optim.Muon` on a full matrix, of `ShardedMuon` on this process's rows
-    of it, and of Muon on those rows alone (the naive per-shard orthogonalisation), for a tall
-    matrix (the all-reduced Gram path) and a wide one (the gathered path)."""
+    """Two steps of `Muon` on a full matrix, of `ShardedMuon` on this process's rows of it, and
+    of Muon on those rows alone (the naive per-shard orthogonalisation), for a tall matrix (the
+    all-reduced Gram path) and a wide one (the gathered path), orthogonalising in bf16 (exactly
+    `torch.optim.Muon`) and in fp32 (where bf16 is slow): `{(rows, dtype): steps}`."""
     results = {}
     for rows in (N_LATENTS, 12):
-        generator = torch.Generator().manual_seed(rows)
-        full = torch.randn(rows, D_IN, generator=generator)
-        grads = [torch.randn(rows, D_IN, generator=generator) for _ in range(2)]
-        shard = LatentShard(rows, accelerator.process_index, accelerator.num_processes)
-        reference, sharded, naive = (torch.nn.Parameter(x.clone()) for x in (
-            full, shard.rows(full), shard.rows(full)))
-        options = {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw"}
-        optimizers = [torch.optim.Muon([reference], **options),
-                      ShardedMuon([sharded], row_shards={sharded: shard}, **options),
-                      torch.optim.Muon([naive], **options)]
-        for grad in grads:
-            for param, optimizer in zip((reference, sharded, naive), optimizers, strict=True):
-                param.grad = grad.clone() if param is reference else shard.rows(grad).clone()
-                optimizer.step()
-        results[rows] = {"reference": shard.rows(reference.detach()),
-                         "sharded": sharded.detach(), "naive": naive.detach()}
+        for dtype in ("bfloat16", "float32"):
+            generator = torch.Generator().manual_seed(rows)
+            full = torch.randn(rows, D_IN, generator=generator)
+            grads = [torch.randn(rows, D_IN, generator=generator) for _ in range(2)]
+            shard = LatentShard(rows, accelerator.process_index, accelerator.num_processes)
+            reference, sharded, naive = (torch.nn.Parameter(x.clone()) for x in (
+                full, shard.rows(full), shard.rows(full)))
+            options = {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw",
+                       "orthogonalization_dtype": dtype}
+            optimizers = [Muon([reference], **options),
+                          ShardedMuon([sharded], row_shards={sharded: shard}, **options),
+                          Muon([naive], **options)]
+            for grad in grads:
+                for param, optimizer in zip((reference, sharded, naive), optimizers,
+                                            strict=True):
+                    param.grad = grad.clone() if param is reference else shard.rows(grad).clone()
+                    optimizer.step()
+            results[rows, dtype] = {"reference": shard.rows(reference.detach()),
+                                    "sharded": sharded.detach(), "naive": naive.detach()}
     return results
 
 
