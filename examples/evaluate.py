@@ -13,6 +13,23 @@ Prints a table, writes `metrics.json` and the plots `feature_density.png` (log-s
 frequencies) and, for several SAEs, `fvu_vs_l0.png` to `--output_dir`. `--save_to_sae` also
 records the numbers in each local SAE's `config.metrics` and re-renders its model card. Under
 `accelerate launch`, every process evaluates its share of the chunks and the results are gathered.
+
+`--benchmarks` picks what runs (default `core`, the metrics above):
+
+    python examples/evaluate.py --sae outputs/deepsae \
+        --benchmarks core absorption sparse_probing autointerp
+
+- `absorption`: feature absorption and first-letter F1 on the model's own vocabulary
+  (`--absorption_*` flags, `hf_deepsae.evaluation.AbsorptionConfig`);
+- `sparse_probing`: k-sparse probes over latents vs probes on raw activations, on offline tasks
+  or on `--probing_dataset` (a Hub id or local file with `--probing_text_column` and
+  `--probing_label_column`) (`--sparse_probing_*` flags);
+- `autointerp`: explanations and detection/fuzzing scores of sampled latents by a judge: a server
+  (`--judge_base_url http://localhost:8000/v1 --judge_model <name>`, any OpenAI-compatible one)
+  or the offline default local model (`--autointerp_*`, `--judge_*` flags).
+
+These run on the main process after the core metrics; their full results go to `metrics.json`
+under `benchmarks`, their headline numbers to the table and (with `--save_to_sae`) the card.
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ import dataclasses
 import json
 import math
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +58,25 @@ from hf_deepsae.activations import (
     tokenize_and_chunk,
 )
 from hf_deepsae.evaluation import (
+    BENCHMARKS,
+    AbsorptionConfig,
+    BenchmarkSuite,
     SAEEvaluationResult,
     SAEEvaluator,
+    SparseProbingConfig,
+    benchmark_scalars,
+    load_classification_task,
     plot_feature_density,
     plot_fvu_vs_l0,
 )
+from hf_deepsae.evaluation.autointerp import AutoInterpConfig
 from hf_deepsae.hub import load_saes, sae_subfolders, save_sae, save_saes
+from hf_deepsae.interpret.judges import JudgeConfig
 from hf_deepsae.training import TrainingConfig
+
+CONFIG_FLAGS = {"absorption": AbsorptionConfig, "sparse_probing": SparseProbingConfig,
+                "autointerp": AutoInterpConfig}
+"""Benchmark configs whose fields become `--<benchmark>_<field>` flags."""
 
 DATA_FIELDS = (
     "dataset_name",
@@ -115,6 +145,49 @@ class EvaluationArguments:
             "help": "Record the metrics in each (local) SAE's config.metrics and model card."
         },
     )
+    benchmarks: list[str] = dataclasses.field(
+        default_factory=lambda: ["core"],
+        metadata={"help": "What to run: core (FVU, L0, CE...) and/or the interpretability "
+                          f"benchmarks {', '.join(BENCHMARKS)}.",
+                  "choices": ["core", *BENCHMARKS]},
+    )
+    probing_dataset: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Sparse-probing task: Hub dataset id or local file. Default: offline "
+                          "tasks (Python docs, stdlib docstrings and code, the Bible)."},
+    )
+    probing_dataset_config_name: str | None = dataclasses.field(
+        default=None, metadata={"help": "Configuration (subset) of --probing_dataset."}
+    )
+    probing_dataset_split: str = dataclasses.field(
+        default="train", metadata={"help": "Split of --probing_dataset."}
+    )
+    probing_text_column: str = dataclasses.field(
+        default="text", metadata={"help": "Text column of --probing_dataset."}
+    )
+    probing_label_column: str = dataclasses.field(
+        default="label", metadata={"help": "Label column of --probing_dataset."}
+    )
+
+
+def prefixed(config_class: type, prefix: str) -> type:
+    """A copy of the dataclass `config_class` with fields named `<prefix>_<field>`, so that several
+    configs share one command line and keep their defaults and help in one place."""
+    types = typing.get_type_hints(config_class)
+    fields = []
+    for field in dataclasses.fields(config_class):
+        default = ({"default_factory": field.default_factory}
+                   if field.default_factory is not dataclasses.MISSING
+                   else {"default": field.default})
+        fields.append((f"{prefix}_{field.name}", types[field.name],
+                       dataclasses.field(metadata=field.metadata, **default)))
+    return dataclasses.make_dataclass(f"{config_class.__name__}Flags", fields)
+
+
+def unprefixed(flags: Any, config_class: type, prefix: str) -> Any:
+    """The `config_class` instance that `prefixed` flags describe."""
+    return config_class(**{field.name: getattr(flags, f"{prefix}_{field.name}")
+                           for field in dataclasses.fields(config_class)})
 
 
 def load_sae_sources(paths: list[str]) -> dict[str, tuple[str, dict[str, DeepSAEModel]]]:
@@ -227,28 +300,69 @@ def print_table(scalars: dict[str, dict[str, float]], print_fn: Any = print) -> 
 
 def save_to_saes(
     sources: dict[str, tuple[str, dict[str, DeepSAEModel]]],
-    result: SAEEvaluationResult,
+    result: SAEEvaluationResult | None,
     names: dict[tuple[str, str], str],
+    benchmark_results: dict[str, dict[str, Any]],
 ) -> None:
     """Merge the numbers into each local SAE's `config.metrics`; rewrite its folder and card."""
-    scalars = result.scalars()
+    scalars = result.scalars() if result is not None else {}
     for path, (kind, saes) in sources.items():
         density = {}
         for name, sae in saes.items():
             key = names[(path, name)]
-            sae.config.metrics = {**(sae.config.metrics or {}), **scalars[key]}
-            density[name] = result.activations[key].feature_density
+            sae.config.metrics = {**(sae.config.metrics or {}), **scalars.get(key, {}),
+                                  **benchmark_scalars(benchmark_results.get(key, {}))}
+            density[name] = None if result is None else result.activations[key].feature_density
         if kind == "single":
             ((name, sae),) = saes.items()
             save_sae(sae, path, density_plot=density[name])
         else:
-            save_saes(saes, path, density_plots=density)
+            save_saes(saes, path, density_plots=None if result is None else density)
 
 
-def main(argv: list[str] | None = None) -> SAEEvaluationResult:
-    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(
-        args=list(sys.argv[1:] if argv is None else argv)
-    )
+def autointerp_corpus(settings: dict[str, Any], tokenizer: Any, config: AutoInterpConfig) -> Any:
+    """`[n, context_length]` token ids: the first `config.n_tokens` tokens of the data."""
+    dataset = load_text_dataset(
+        settings["dataset_name"], config_name=settings["dataset_config_name"],
+        data_files=settings["data_files"], split=settings["dataset_split"],
+        text_column=settings["text_column"], streaming=settings["streaming"])
+    chunks = tokenize_and_chunk(dataset, tokenizer, config.context_length,
+                                settings["text_column"])
+    n_chunks = max(config.n_tokens // config.context_length, 1)
+    rows = list(chunks.take(n_chunks) if not isinstance(chunks, Dataset)
+                else chunks.select(range(min(n_chunks, len(chunks)))))
+    return torch.stack([torch.as_tensor(row["input_ids"]) for row in rows])
+
+
+def run_benchmarks(args: EvaluationArguments, configs: dict[str, Any], judge: JudgeConfig,
+                   settings: dict[str, Any], model: Any, tokenizer: Any,
+                   saes: dict[str, DeepSAEModel]) -> dict[str, dict[str, Any]]:
+    """`{sae: {benchmark: result}}` for the interpretability benchmarks in `--benchmarks`."""
+    chosen = [name for name in args.benchmarks if name in BENCHMARKS]
+    tasks = None
+    if args.probing_dataset is not None:
+        tasks = [load_classification_task(
+            args.probing_dataset, text_column=args.probing_text_column,
+            label_column=args.probing_label_column,
+            config_name=args.probing_dataset_config_name, split=args.probing_dataset_split)]
+    corpus = (autointerp_corpus(settings, tokenizer, configs["autointerp"])
+              if "autointerp" in chosen else None)
+    suite = BenchmarkSuite(
+        model, tokenizer, chosen, absorption=configs["absorption"],
+        sparse_probing=configs["sparse_probing"], probing_tasks=tasks,
+        autointerp=configs["autointerp"], judge=judge, corpus_ids=corpus)
+    return {name: suite.evaluate(sae) for name, sae in saes.items()}
+
+
+def main(argv: list[str] | None = None) -> SAEEvaluationResult | None:
+    """Run the evaluation; returns the core metrics (None without `core`), and writes every
+    result to `metrics.json`."""
+    flag_classes = [prefixed(config, prefix) for prefix, config in CONFIG_FLAGS.items()]
+    args, *flags, judge = HfArgumentParser(
+        (EvaluationArguments, *flag_classes, JudgeConfig)
+    ).parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
+    configs = {prefix: unprefixed(values, config, prefix)
+               for (prefix, config), values in zip(CONFIG_FLAGS.items(), flags, strict=True)}
     accelerator = Accelerator()
     sources = load_sae_sources(args.sae)
     remote = [path for path in sources if not Path(path).is_dir()]
@@ -267,43 +381,55 @@ def main(argv: list[str] | None = None) -> SAEEvaluationResult:
         device=accelerator.device,
         verbose=accelerator.is_main_process,
     )
-    evaluator = SAEEvaluator(
-        model,
-        saes,
-        language_model_metrics=not args.no_language_model,
-        jointly=args.jointly,
-        allow_base_model_mismatch=args.allow_base_model_mismatch,
-    )
-    chunks = evaluation_chunks(settings, tokenizer, accelerator)
-    progress = tqdm(
-        total=math.ceil(settings["n_tokens"] / settings["context_length"])
-        * settings["context_length"],
-        desc=f"Evaluating {len(saes)} SAE{'s' if len(saes) > 1 else ''}",
-        unit="tok",
-        unit_scale=True,
-        disable=not accelerator.is_main_process,
-    )
-    for batch in chunks.iter(batch_size=settings["lm_batch_size"]):
-        input_ids = torch.as_tensor(batch["input_ids"])
-        evaluator.update(input_ids)
-        progress.update(input_ids.numel() * accelerator.num_processes)
-    progress.close()
-    metrics, *others = gather_object([evaluator.metrics])
-    for other in others:
-        metrics.merge(other)
-    result = metrics.compute(min_tokens=settings["n_tokens"])
+    result = None
+    if "core" in args.benchmarks:
+        evaluator = SAEEvaluator(
+            model,
+            saes,
+            language_model_metrics=not args.no_language_model,
+            jointly=args.jointly,
+            allow_base_model_mismatch=args.allow_base_model_mismatch,
+        )
+        chunks = evaluation_chunks(settings, tokenizer, accelerator)
+        progress = tqdm(
+            total=math.ceil(settings["n_tokens"] / settings["context_length"])
+            * settings["context_length"],
+            desc=f"Evaluating {len(saes)} SAE{'s' if len(saes) > 1 else ''}",
+            unit="tok",
+            unit_scale=True,
+            disable=not accelerator.is_main_process,
+        )
+        for batch in chunks.iter(batch_size=settings["lm_batch_size"]):
+            input_ids = torch.as_tensor(batch["input_ids"])
+            evaluator.update(input_ids)
+            progress.update(input_ids.numel() * accelerator.num_processes)
+        progress.close()
+        metrics, *others = gather_object([evaluator.metrics])
+        for other in others:
+            metrics.merge(other)
+        result = metrics.compute(min_tokens=settings["n_tokens"])
     if accelerator.is_main_process:
+        benchmark_results = (run_benchmarks(args, configs, judge, settings, model, tokenizer, saes)
+                             if set(args.benchmarks) & set(BENCHMARKS) else {})
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        record = {"sae": args.sae, "settings": settings, "results": result.to_dict()}
-        (output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
-        densities = {name: metrics.feature_density for name, metrics in result.activations.items()}
-        plot_feature_density(densities, output_dir / "feature_density.png")
-        if len(result.activations) > 1:
-            plot_fvu_vs_l0(result.activations, output_dir / "fvu_vs_l0.png")
-        print_table(result.scalars(), accelerator.print)
+        record = {"sae": args.sae, "settings": settings,
+                  "results": result.to_dict() if result is not None else {},
+                  "benchmarks": {name: {benchmark: value.to_dict()
+                                        for benchmark, value in results.items()}
+                                 for name, results in benchmark_results.items()}}
+        (output_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=float))
+        if result is not None:
+            densities = {name: m.feature_density for name, m in result.activations.items()}
+            plot_feature_density(densities, output_dir / "feature_density.png")
+            if len(result.activations) > 1:
+                plot_fvu_vs_l0(result.activations, output_dir / "fvu_vs_l0.png")
+            print_table(result.scalars(), accelerator.print)
+        for name, results in benchmark_results.items():
+            accelerator.print(f"{name}: " + ", ".join(
+                f"{key} {value:.4g}" for key, value in benchmark_scalars(results).items()))
         if args.save_to_sae:
-            save_to_saes(sources, result, names)
+            save_to_saes(sources, result, names, benchmark_results)
         accelerator.print(f"Wrote {output_dir / 'metrics.json'} and the plots to {output_dir}")
     return result
 

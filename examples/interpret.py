@@ -16,8 +16,15 @@ documentation, offline). Writes to `--out`:
   chosen latents (`--latents`, else `--sample_latents` random live ones) with their summary.
   Dead latents are counted in both summaries.
 
-The judge (explainer and detector) is `--judge_model`, any causal LM; the default
-SmolLM2-135M-Instruct runs offline. For an API model, use `hf_deepsae.interpret.ChatJudge`.
+The judge (explainer, detector, fuzzer) is `--judge_model`, any causal LM; the default
+SmolLM2-135M-Instruct runs offline but is too small to judge. A real judge runs on any
+OpenAI-compatible server (vLLM, TGI, llama.cpp, `transformers serve`, hosted APIs):
+
+    python examples/interpret.py --sae outputs/deepsae --judge_base_url http://localhost:8000/v1 \
+        --judge_model Qwen/Qwen2.5-7B-Instruct --judge_cache outputs/judge.sqlite
+
+with `--judge_max_workers` latents judged at once, retries, a token/cost count (`usage` in
+`interpretation.json`) and a reply cache that makes reruns free.
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ from transformers import HfArgumentParser
 
 from hf_deepsae import DeepSAEModel, load_sae
 from hf_deepsae.activations import (
-    EMBEDDED_MODEL_NAME,
     load_language_model,
     load_text_dataset,
     tokenize_and_chunk,
@@ -43,7 +49,6 @@ from hf_deepsae.interpret import (
     ContextWindows,
     SamplingConfig,
     ScoringConfig,
-    TransformersJudge,
     build_latent_cache,
     compute_statistics,
     decoder_directions,
@@ -53,6 +58,7 @@ from hf_deepsae.interpret import (
     score_latents,
     summarize,
 )
+from hf_deepsae.interpret.judges import JudgeConfig, load_judge
 from hf_deepsae.training import TrainingConfig
 
 DATA_FIELDS = ("dataset_name", "dataset_config_name", "data_files", "dataset_split", "text_column")
@@ -92,10 +98,6 @@ class InterpretArguments:
         "help": "Latents to explain, score and show. Default: --sample_latents random live ones."})
     sample_latents: int = dataclasses.field(default=20, metadata={
         "help": "How many live latents to draw when --latents is not given."})
-    judge_model: str = dataclasses.field(default=EMBEDDED_MODEL_NAME, metadata={
-        "help": "Causal LM that explains latents and judges explanations."})
-    judge_max_new_tokens: int = dataclasses.field(default=40, metadata={
-        "help": "Longest explanation the judge may generate, in tokens."})
     no_scoring: bool = dataclasses.field(default=False, metadata={
         "help": "Skip explanations and scores (cache, statistics and browser only)."})
     device: str | None = dataclasses.field(default=None, metadata={
@@ -133,8 +135,8 @@ def choose_latents(args: InterpretArguments, dead: torch.Tensor, seed: int) -> l
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, sampling, scoring = HfArgumentParser(
-        (InterpretArguments, SamplingConfig, ScoringConfig)
+    args, sampling, scoring, judge_config = HfArgumentParser(
+        (InterpretArguments, SamplingConfig, ScoringConfig, JudgeConfig)
     ).parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sae = load_sae(args.sae, args.subfolder).to(device).eval()
@@ -152,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     cache.save(out / "latents" / hookpoint, n_splits=args.n_splits)
     statistics = compute_statistics(cache)
-    neighbours = nearest_latents(decoder_directions(sae), sampling.n_neighbours,
-                                 candidates=~statistics.dead)
+    neighbours = nearest_latents(decoder_directions(sae, statistics.mean_activation),
+                                 sampling.n_neighbours, candidates=~statistics.dead)
     delphi_neighbours = {
         str(latent): [[similarity, index] for index, similarity
                       in zip(indices, similarities, strict=True) if index >= 0]
@@ -168,13 +170,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     examples = [sample_examples(windows, latent, sampling, statistics.top_tokens_of(latent),
                                 neighbours)
                 for latent in choose_latents(args, statistics.dead, sampling.seed)]
-    scores = []
+    scores, usage = [], None
     if not args.no_scoring:
-        judge_model, judge_tokenizer = (model, tokenizer) if args.judge_model == base_model \
-            else load_language_model(args.judge_model, device=device, verbose=True)
-        judge = TransformersJudge(judge_model, judge_tokenizer, args.judge_max_new_tokens)
-        scores = score_latents(tqdm(examples, desc="Explaining and scoring latents"), judge,
-                               judge, tokenizer, statistics, scoring)
+        judge, judge_name = load_judge(judge_config, model, tokenizer)
+        scores = score_latents(tqdm(examples, desc=f"Explaining and scoring with {judge_name}"),
+                               judge, judge, tokenizer, statistics, scoring,
+                               max_workers=judge_config.max_workers)
+        usage = getattr(judge.chat, "usage", None)
 
     info = {"SAE": args.sae, "architecture": sae.config.architecture, "model": base_model,
             "hookpoint": hookpoint, "corpus": dataset_fields["dataset_repo"]}
@@ -184,10 +186,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **info,
         "settings": {"arguments": dataclasses.asdict(args),
                      "sampling": dataclasses.asdict(sampling),
-                     "scoring": dataclasses.asdict(scoring)},
+                     "scoring": dataclasses.asdict(scoring),
+                     "judge": dataclasses.asdict(judge_config)},
         "statistics": {"summary": statistics.summary(), "latents": statistics.columns()},
         "scores": {"summary": summarize(scores, statistics),
-                   "latents": [score.to_dict() for score in scores]},
+                   "latents": [score.to_dict() for score in scores],
+                   "usage": None if usage is None else usage.to_dict()},
     }
     (out / "interpretation.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({"statistics": result["statistics"]["summary"],

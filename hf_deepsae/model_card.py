@@ -63,9 +63,40 @@ METRICS: dict[str, tuple[str, str]] = {
                                "dead threshold at the end of training"),
     "train_tokens": ("Training tokens", "activation rows the SAE was trained on"),
     "nonfinite_rows_skipped": ("Non-finite rows skipped", "NaN/inf activations left out"),
+    "absorption_fraction": ("Absorption fraction", "share of a first letter's probe projection "
+                            "carried by other latents than the letter's (lower is better)"),
+    "full_absorption_rate": ("Full absorption", "words whose letter latents stay silent while "
+                             "another latent carries the letter (lower is better)"),
+    "first_letter_f1": ("First-letter F1 (1 latent)", "best single latent as a first-letter "
+                        "classifier"),
+    "first_letter_main_latents_f1": ("First-letter F1 (main latents)", "the letter's main "
+                                     "latents as a classifier"),
+    "first_letter_main_latents": ("Latents per letter", "main latents per first letter (above "
+                                  "1: feature splitting)"),
+    "first_letter_probe_f1": ("First-letter probe F1", "linear probe on the raw activations at "
+                              "this site: the ceiling of the two F1s above"),
+    "sparse_probing_sae_accuracy": ("Sparse probing, all latents", "probe accuracy on all "
+                                    "mean-pooled latents"),
+    "sparse_probing_llm_accuracy": ("Sparse probing, raw activations", "probe accuracy on the "
+                                    "mean-pooled activations: the ceiling"),
+    **{f"sparse_probing_top_{k}_accuracy": (f"Sparse probing, {k} latent{'s' * (k > 1)}",
+                                            f"probe accuracy on the {k} most telling latents")
+       for k in (1, 2, 5, 10, 20, 50)},
+    "autointerp_detection_balanced_accuracy": ("Auto-interp detection", "balanced accuracy of "
+                                               "the judge's detection verdicts"),
+    "autointerp_fuzzing_balanced_accuracy": ("Auto-interp fuzzing", "balanced accuracy of the "
+                                             "judge's fuzzing verdicts"),
+    "autointerp_detection_accuracy_weighted": ("Auto-interp accuracy (weighted)", "detection "
+                                               "accuracy at each latent's firing rate, weighted "
+                                               "by it"),
+    "autointerp_detection_perfect_fraction": ("Auto-interp perfect", "latents with a perfect "
+                                              "detection score"),
+    "autointerp_quantile_agreement": ("Auto-interp quantile agreement", "verdicts shared by "
+                                      "explanations of strong and of weak activations"),
 }
-# Counts, not results: shown in the table, kept out of the model-index.
-_NOT_RESULTS = ("n_tokens", "train_tokens", "nonfinite_rows_skipped")
+# Counts and baselines, not results of the SAE: shown in the table, kept out of the model-index.
+_NOT_RESULTS = ("n_tokens", "train_tokens", "nonfinite_rows_skipped", "first_letter_probe_f1",
+                "sparse_probing_llm_accuracy")
 _SPARSITY_WORDS = {
     "topk": "TopK keeps the {k} largest pre-activations of each token (after a ReLU) and zeroes "
             "the rest",

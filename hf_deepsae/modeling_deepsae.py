@@ -502,14 +502,16 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
 
     @torch.no_grad()
     def latent_directions(self, latent_indices: torch.Tensor | None = None, *,
-                          activation: float = 1.0, block_size: int = 4096) -> torch.Tensor:
+                          activation: float | torch.Tensor = 1.0,
+                          block_size: int = 4096) -> torch.Tensor:
         """`[m, d_out]`: what each latent adds to the reconstruction, per unit of activation.
 
         The effective direction `(decode(a·e_i) − decode(0)) / a` of global latent `i` (default:
         every latent), in the activation space the SAE reads (input scaling undone). For a linear
         decoder it is exactly the row `W_dec[i]`, whatever `a`; for a deep decoder it depends on
         the activation `a` it is taken at (1 by default; a latent's typical value is a better
-        choice), so metrics built on it describe the decoder only near that value. Latents of
+        choice), so metrics built on it describe the decoder only near that value. `activation`
+        is one finite non-zero value for all latents or one per requested latent (`[m]`). Latents of
         stacked stages use their own stage's decoder.
         """
         n_latents = self.config.n_latents
@@ -517,26 +519,24 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
             latent_indices = torch.arange(self.config.n_total_latents, device=self.device)
         elif isinstance(latent_indices, torch.Tensor):
             latent_indices = latent_indices.to(self.device)
-        if not isinstance(activation, int | float) or isinstance(activation, bool) \
-                or not math.isfinite(activation) or activation == 0:
-            raise ValueError(f"activation={activation!r} must be a finite non-zero number (the "
-                             f"latent value the direction is taken at)")
         self._check_latent_ids(latent_indices)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be a positive int")
         ids = latent_indices.reshape(-1)
+        activations = self._direction_activations(activation, ids.numel())
         directions = torch.empty(ids.numel(), self.config.d_out, dtype=self.dtype,
                                  device=self.device)
         for start in range(0, ids.numel(), block_size):
             block = ids[start:start + block_size]
+            block_activations = activations[start:start + block_size]
             for stage_index, stage in enumerate(self.stages):
                 in_stage = torch.div(block, n_latents, rounding_mode="floor") == stage_index
                 if not in_stage.any():
                     continue
                 local = (block[in_stage] - stage_index * n_latents).unsqueeze(-1)
-                values = torch.full(local.shape, activation, dtype=self.dtype, device=self.device)
+                values = block_activations[in_stage].unsqueeze(-1)
                 directions[start:start + block.numel()][in_stage] = (
-                    stage.decode_delta(values, local) / activation)
+                    stage.decode_delta(values, local) / values)
         return directions / self.output_scale
 
     def decode(self, latent_acts: torch.Tensor, latent_indices: torch.Tensor | None = None, *,
@@ -583,6 +583,21 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         if latent_indices.shape != latent_acts.shape:
             raise ValueError(f"latent_indices {tuple(latent_indices.shape)} must match "
                              f"latent_acts {tuple(latent_acts.shape)}")
+
+    def _direction_activations(self, activation: float | torch.Tensor, n: int) -> torch.Tensor:
+        """`[n]` finite non-zero latent values that `latent_directions` takes directions at."""
+        if isinstance(activation, bool) or not isinstance(activation, int | float | torch.Tensor):
+            raise ValueError(f"activation={activation!r} must be a number or a tensor of one "
+                             f"value per latent")
+        activations = torch.as_tensor(activation, dtype=self.dtype, device=self.device)
+        if activations.numel() not in (1, n) or activations.is_complex() \
+                or not torch.isfinite(activations).all() or (activations == 0).any():
+            raise ValueError(f"activation must be one finite non-zero number or one per latent "
+                             f"({n}), got shape {tuple(activations.shape)} with "
+                             f"{int((activations == 0).sum())} zeros and "
+                             f"{int((~torch.isfinite(activations)).sum())} non-finite values "
+                             f"(the latent values the directions are taken at)")
+        return activations.reshape(-1).expand(n)
 
     def _check_latent_ids(self, latent_indices: torch.Tensor) -> None:
         """Integer global latent ids in `[0, n_total_latents)`: others would decode to nothing."""

@@ -78,6 +78,17 @@ def test_study_deep_vs_shallow(tiny_lm, tmp_path, monkeypatch):
     assert all("ce_loss_score" in row for row in results["runs"])
 
 
+def test_study_interpretability(tiny_lm, tmp_path, monkeypatch):
+    flags = [*source_flags(tiny_lm, tmp_path), "--architectures", "shallow", "deep-2x",
+             "--work_dir", str(tmp_path / "work")]
+    results = run_benchmark("study_interpretability.py", flags, tmp_path, monkeypatch)
+    assert [row["name"] for row in results["runs"]] == ["shallow k=8", "deep-2x k=8"]
+    for row in results["runs"]:
+        assert set(row["details"]) == {"absorption", "sparse_probing"}
+        assert 0 <= row["sparse_probing_top_1_accuracy"] <= 1
+    assert (tmp_path / "results" / "study_interpretability.png").is_file()
+
+
 def test_bench_default_run(tiny_lm, tmp_path, monkeypatch):
     model, corpus = tiny_lm
     results = run_benchmark("bench_default_run.py", [

@@ -19,6 +19,7 @@ from hf_deepsae import DeepSAEConfig, DeepSAEModel
 from hf_deepsae.hub import save_saes
 
 SCRIPT = Path(__file__).parents[1] / "examples" / "evaluate.py"
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # main() builds an Accelerator
 
 
 @pytest.fixture(scope="module")

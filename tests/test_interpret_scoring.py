@@ -1,4 +1,4 @@
-"""Detection scoring: exact accuracies with a fake deterministic judge; the judges' plumbing."""
+"""Detection and fuzzing scores: exact accuracies with a deterministic judge; judges' plumbing."""
 
 import re
 
@@ -9,6 +9,7 @@ from tiny_models import judge_tokenizer, tiny_model
 
 from hf_deepsae.interpret import (
     ChatJudge,
+    ClassificationScores,
     Example,
     LatentExamples,
     ScoringConfig,
@@ -31,6 +32,19 @@ class TokenJudge:
 
     def detect(self, explanation, texts):
         return [explanation in text for text in texts]
+
+
+class MarkJudge(TokenJudge):
+    """Also fuzzes: the marks are right when every marked span is the explained token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fuzzed: list[str] = []
+
+    def fuzz(self, explanation, texts):
+        self.fuzzed += texts
+        return [all(span == explanation for span in re.findall(r"<<(.*?)>>", text))
+                for text in texts]
 
 
 def example(tokens, activations=None, quantile=None, neighbour=None):
@@ -83,6 +97,65 @@ def test_detection_scores_with_neighbour_negatives_are_exact():
     # top + negatives (' w10 w20', ' w10 w30', ' w10 w32', ' w33 w34', ' w35 w36') they agree twice
     assert score.quantile_explanations == {"high": " w10", "low": " w23"}
     assert score.quantile_agreement == pytest.approx(2 / 5)
+
+
+def test_fuzzing_marks_positives_where_the_latent_fires_and_negatives_at_random():
+    judge = MarkJudge()
+    score = score_latent(imperfect_latent(), judge, judge, word_tokenizer(), 0.01)
+    positives = ["<< w10>> w24", "<< w10>> w25", "<< w10>> w21", " w22<< w23>>"]
+    assert sorted(positives) == sorted(text for text in judge.fuzzed if text in positives)
+    negatives = [text for text in judge.fuzzed if text not in positives]
+    # each positive has one active token, so each negative gets one random token marked
+    assert len(negatives) == 4 and all(text.count("<<") == 1 for text in negatives)
+    fuzzing = score.fuzzing
+    assert (fuzzing.n_positives, fuzzing.n_negatives) == (4, 4)
+    assert fuzzing.recall == 0.75 and fuzzing.recall_per_quantile == [0.5, 1.0]
+    wrong = sum(text in ("<< w10>> w30", "<< w10>> w32") for text in negatives)
+    assert fuzzing.specificity == (4 - wrong) / 4
+    assert fuzzing.balanced_accuracy_per_quantile == [(0.5 + fuzzing.specificity) / 2,
+                                                      (1.0 + fuzzing.specificity) / 2]
+
+
+def test_detection_per_quantile_balanced_accuracy_and_drop_off():
+    judge = TokenJudge()
+    score = score_latent(imperfect_latent(), judge, judge, word_tokenizer(), 0.01)
+    assert score.balanced_accuracy_per_quantile == [0.5, 0.75]  # (recall_q + 0.5) / 2
+    assert score.fuzzing is None  # TokenJudge cannot fuzz
+    summary = summarize([score])
+    assert summary["mean_balanced_accuracy_per_quantile"] == [0.5, 0.75]
+    assert summary["quantile_drop_off"] == 0.25
+    assert summary["n_fuzzed"] == 0 and summary["fuzzing_mean_balanced_accuracy"] is None
+
+
+def test_fuzzing_can_be_turned_off():
+    judge = MarkJudge()
+    score = score_latent(perfect_latent(), judge, judge, word_tokenizer(), 0.01,
+                         ScoringConfig(fuzzing=False))
+    assert score.fuzzing is None and judge.fuzzed == []
+
+
+def test_summary_of_fuzzing_counts_perfect_latents_and_weights_by_firing_rate():
+    judge = MarkJudge()
+    scores = [score_latent(perfect_latent(), judge, judge, word_tokenizer(), 0.03),
+              score_latent(imperfect_latent(), judge, judge, word_tokenizer(), 0.01)]
+    summary = summarize(scores)
+    perfect, imperfect = (s.fuzzing.balanced_accuracy for s in scores)
+    assert perfect == 1.0 and summary["fuzzing_perfect_fraction"] == 0.5
+    assert summary["fuzzing_firing_rate_weighted_balanced_accuracy"] == pytest.approx(
+        (perfect * 0.03 + imperfect * 0.01) / 0.04)
+    assert isinstance(scores[0].fuzzing, ClassificationScores)
+    assert scores[0].to_dict()["fuzzing"]["recall"] == 1.0
+
+
+def test_latents_are_scored_the_same_in_threads():
+    judge = MarkJudge()
+    items = [imperfect_latent(), perfect_latent()]
+    statistics = type("Rates", (), {"firing_rate": torch.tensor([0.01, 0.03]), "n_latents": 2})()
+    from hf_deepsae.interpret import score_latents
+
+    serial = score_latents(items, judge, judge, word_tokenizer(), statistics)
+    threaded = score_latents(items, judge, judge, word_tokenizer(), statistics, max_workers=2)
+    assert [s.to_dict() for s in threaded] == [s.to_dict() for s in serial]
 
 
 def test_random_negatives_make_the_same_explanation_look_better():
@@ -145,6 +218,18 @@ def test_chat_judge_reads_numbered_verdicts_from_any_chat_function():
     assert judge.explain(["<<1>> + 2"]) == "numbers in code"
     assert judge.detect("numbers", ["a", "b", "c", "d", "e"]) == [True, False, True, False, True]
     assert len(requests) == 3 and "1. a" in requests[1][-1]["content"]
+
+
+def test_chat_judge_fuzzes_with_marked_texts_and_reads_a_lone_yes():
+    requests = []
+
+    def chat(messages):
+        requests.append(messages[-1]["content"])
+        return "Yes, they are."
+
+    judge = ChatJudge(chat, batch_size=4)
+    assert judge.fuzz("numbers", ["<<1>> + 2"]) == [True]
+    assert "<<1>> + 2" in requests[0] and "marked tokens correct" in requests[0]
 
 
 def test_transformers_judge_batches_detection_exactly_like_single_texts():

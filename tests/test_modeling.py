@@ -302,6 +302,21 @@ def test_latent_directions_are_what_each_latent_adds_to_the_reconstruction(name)
     torch.testing.assert_close(sae.latent_directions(ids, activation=activation), directions[ids])
 
 
+@pytest.mark.parametrize("name", ["deep", "stacked"])
+def test_latent_directions_take_one_activation_per_latent(name):
+    sae = make_sae(name, n_stacked=2 if name == "stacked" else 1)
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.normal_()
+    ids, activations = torch.tensor([5, 0, 5]), torch.tensor([0.5, 2.0, 3.0])
+    each = torch.stack([sae.latent_directions(i.view(1), activation=float(a))[0]
+                        for i, a in zip(ids, activations, strict=True)])
+    torch.testing.assert_close(sae.latent_directions(ids, activation=activations), each,
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="finite non-zero number or one per latent"):
+        sae.latent_directions(ids, activation=torch.tensor([1.0, 0.0, 1.0]))
+
+
 def test_latent_directions_of_a_linear_decoder_are_its_rows():
     sae = make_sae("topk")
     torch.testing.assert_close(sae.latent_directions(activation=3.0), sae.W_dec.detach())

@@ -157,3 +157,25 @@ def save_tiny_llama(folder: Any) -> None:
     """The tiny llama with `judge_tokenizer`, saved as a model folder the examples can load."""
     tiny_model("llama").save_pretrained(folder)
     judge_tokenizer().save_pretrained(folder)
+
+
+ENGLISH_WORDS = (
+    "ant", "apple", "arm", "axe", "bag", "ball", "bed", "bee", "cap", "car", "cat", "cow",
+    "day", "den", "dog", "dot", "ear", "egg", "elm", "end", "fan", "fig", "fox", "fur", "gap",
+    "gas", "gum", "gym", "hat", "hen", "hip", "hut", "ice", "ink", "inn", "ivy", "jam", "jar",
+    "jet", "jug", "keg", "key", "kid", "kit", "lab", "leg", "lid", "log", "map", "mat", "mop",
+    "mud", "nap", "net", "nut", "nib", "oak", "oar", "oil", "owl", "pan", "pen", "pig", "pot",
+    "rag", "rat", "rod", "rug", "sap", "sea", "sun", "sky", "tag", "tea", "tin", "toe", "urn",
+    "use", "van", "vet", "vow", "web", "wax", "wig", "yak", "yam", "yew", "zip", "zoo", "zen",
+)
+"""Three or more English words per letter (most letters), for tasks about spelling."""
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: ids 0-2 special, then `ENGLISH_WORDS`."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {w: i for i, w in enumerate(ENGLISH_WORDS, 3)}
+    assert len(vocab) <= VOCAB_SIZE
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<unk>")

@@ -103,21 +103,19 @@ def decoder_directions(sae: DeepSAEModel, activation_scale: float | Tensor = 1.0
                        batch_size: int = 1024) -> Tensor:
     """`[n_total_latents, d_out]`: `decode(s_i·e_i) − decode(0)` for every latent `i`.
 
-    For a linear decoder this is `s_i·W_dec[i]` (over the output scale); for a nonlinear one it
-    depends on `s_i`, the activation at which to probe the latent (e.g. its mean activation), 1 by
-    default.
+    `s_i` times `DeepSAEModel.latent_directions` at activation `s_i`: for a linear decoder
+    `s_i·W_dec[i]`; for a nonlinear one it depends on `s_i`, the activation at which to probe the
+    latent (e.g. its mean activation), 1 by default. A latent probed at 0 gets a zero direction.
     """
     n_latents = sae.config.n_total_latents
-    scale = torch.as_tensor(activation_scale, dtype=sae.dtype).to(sae.device).expand(n_latents)
-    if not (torch.isfinite(scale) & (scale > 0)).all():
-        raise ValueError("activation_scale must be finite and > 0 for every latent (the "
-                         "activation each latent's direction is probed at)")
-    zero = sae.decode(torch.zeros(1, n_latents, dtype=sae.dtype, device=sae.device))
-    directions = []
-    for ids in torch.arange(n_latents, device=sae.device).split(batch_size):
-        decoded = sae.decode(scale[ids].unsqueeze(1), ids.unsqueeze(1))
-        directions.append((decoded - zero).float().cpu())
-    return torch.cat(directions)
+    scale = torch.as_tensor(activation_scale, dtype=torch.float32).reshape(-1)
+    if not (torch.isfinite(scale) & (scale >= 0)).all():
+        raise ValueError("activation_scale must be finite and >= 0 for every latent (the "
+                         "activation each latent's direction is probed at; 0 for a dead latent)")
+    scale = scale.expand(n_latents)
+    probe_at = torch.where(scale == 0, torch.ones_like(scale), scale)
+    directions = sae.latent_directions(activation=probe_at.to(sae.device), block_size=batch_size)
+    return directions.float().cpu() * scale.unsqueeze(1)
 
 
 def nearest_latents(directions: Tensor, n_neighbours: int, candidates: Tensor | None = None,

@@ -1,195 +1,61 @@
 """Auto-interpretability: explain each latent from its top examples, then test the explanation.
 
-Detection scoring (as in delphi): a judge reads the explanation and says, for each held-out
-context, whether the latent fires in it. Positives are the quantile examples (every activation
+A judge (`judges.py`) writes the explanation from the top examples, then two scorers (delphi's
+definitions) test it on held-out contexts. Positives are the quantile examples (every activation
 strength, never the top examples the explanation was written from); negatives are neighbour
-non-activating contexts, topped up with random ones to as many as positives. Per latent this gives
+non-activating contexts, topped up with random ones to as many as positives.
 
-- recall (true-positive rate), overall and per quantile bin — where explanations fail;
-- specificity (true-negative rate);
-- balanced accuracy, `(recall + specificity) / 2`;
-- accuracy at the latent's true firing rate `p` (fraction of contexts where it fires):
-  `p·recall + (1 − p)·specificity`, what the explanation is worth on real text;
-- quantile agreement: explanations written from the upper and the lower half of the quantile bins,
-  judged on the same contexts (top examples and negatives); the fraction of verdicts they share.
+- **Detection**: the judge sees plain texts and says which contain the latent.
+- **Fuzzing**: the judge sees texts with tokens marked `<<like this>>` and says whether the marks
+  are correct: positives marked where the latent fires (≥ `highlight_threshold` of the window's
+  max), negatives with as many random tokens marked as positives have active tokens on average
+  (rounded up). It asks whether the explanation pins down *which tokens*, not only which texts.
 
-`summarize` averages over latents, plainly and weighted by firing rate, and reports the fraction of
-perfect scores. Dead and unscorable latents get a `status` and are counted, never dropped.
+Per scorer and latent (`ClassificationScores`): recall (true-positive rate), overall and per
+quantile bin; specificity (true-negative rate); balanced accuracy `(recall + specificity) / 2`,
+also per quantile bin (how the score falls off from the strongest activations to the weakest);
+and the accuracy at the latent's true firing rate `p`, `p·recall + (1 − p)·specificity`, what the
+explanation is worth on real text. Quantile agreement: explanations written from the upper and
+the lower half of the quantile bins, judged on the same contexts; the fraction of verdicts shared.
 
-The judge is pluggable: anything with `explain(texts) -> str` (an `Explainer`) and
-`detect(explanation, texts) -> list[bool]` (a `Detector`). `ChatJudge` wraps any chat function
-(an API client); `TransformersJudge` runs a local causal LM (offline default:
-SmolLM2-135M-Instruct).
+`summarize` averages over latents, plainly and weighted by firing rate, with the fraction of
+perfect scores and the drop-off from the top quantile bin to the bottom one. Dead and unscorable
+latents get a `status` and are counted, never dropped.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from .judges import Detector, Explainer, Fuzzer
 from .sampling import Example, LatentExamples, token_strings
 from .statistics import LatentStatistics
 
-ChatFunction = Callable[[list[dict[str, str]]], str]
-"""A chat model: messages (`{"role", "content"}` dicts) in, the assistant's reply out."""
 
-EXPLAIN_PROMPT = (
-    "You are a meticulous interpretability researcher. Below are text excerpts in which one "
-    "feature of a language model fires; the tokens where it fires most are marked <<like this>>. "
-    "Describe in one short phrase (at most 15 words) what the feature detects: the marked tokens "
-    "and the context they need. Reply with the phrase only."
-)
-DETECT_PROMPT = (
-    "You check texts against a description of a language-model feature. Say whether the feature, "
-    "as described, is present in the text."
-)
-
-
-class Explainer(Protocol):
-    def explain(self, examples: Sequence[str]) -> str:
-        """One explanation from excerpts whose activating tokens are marked `<<...>>`."""
-        ...
-
-
-class Detector(Protocol):
-    def detect(self, explanation: str, texts: Sequence[str]) -> list[bool]:
-        """For each text, whether the latent `explanation` describes fires in it."""
-        ...
-
-
-def explanation_messages(examples: Sequence[str]) -> list[dict[str, str]]:
-    listing = "\n".join(f"{i}. {text}" for i, text in enumerate(examples, 1))
-    return [{"role": "system", "content": EXPLAIN_PROMPT},
-            {"role": "user", "content": f"Excerpts:\n{listing}\n\nWhat does the feature detect?"}]
-
-
-def detection_messages(explanation: str, texts: Sequence[str]) -> list[dict[str, str]]:
-    if len(texts) == 1:
-        question = (f"Feature: {explanation}\nText: {texts[0]}\n\n"
-                    "Is the feature present in this text? Answer Yes or No.")
-    else:
-        listing = "\n".join(f"{i}. {text}" for i, text in enumerate(texts, 1))
-        question = (f"Feature: {explanation}\nTexts:\n{listing}\n\nFor each text, is the feature "
-                    "present? Reply with one line per text, like '1: yes' or '2: no'.")
-    return [{"role": "system", "content": DETECT_PROMPT}, {"role": "user", "content": question}]
-
-
-def _first_line(reply: str) -> str:
-    lines = [line.strip() for line in reply.strip().splitlines() if line.strip()]
-    return lines[0].strip("\"' ") if lines else ""
-
-
-class ChatJudge:
-    """`Explainer` and `Detector` over any chat function, e.g. an API model's client.
-
-    Detection asks about `batch_size` numbered texts per request and reads `'<n>: yes|no'` lines;
-    a text without a readable verdict counts as "no".
-    """
-
-    def __init__(self, chat: ChatFunction, batch_size: int = 10) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive int")
-        self.chat, self.batch_size = chat, batch_size
-
-    def explain(self, examples: Sequence[str]) -> str:
-        return _first_line(self.chat(explanation_messages(examples)))
-
-    def detect(self, explanation: str, texts: Sequence[str]) -> list[bool]:
-        verdicts = []
-        for first in range(0, len(texts), self.batch_size):
-            batch = texts[first:first + self.batch_size]
-            reply = self.chat(detection_messages(explanation, batch)).lower()
-            found = {int(n): answer == "yes"
-                     for n, answer in re.findall(r"(\d+)\s*[:.)\-]\s*(yes|no)", reply)}
-            verdicts += [found.get(i, False) for i in range(1, len(batch) + 1)]
-        return verdicts
-
-
-class TransformersJudge(ChatJudge):
-    """A local `transformers` causal LM as judge.
-
-    Explanations are greedy generations of an answer that starts with `explanation_prefix` (small
-    models otherwise open with filler such as "The feature detects the following:"). Detection asks
-    about one text at a time and compares the next-token logits of "Yes" and "No": deterministic,
-    one forward pass per text, nothing to parse (small models rarely keep to an answer format).
-
-    The offline default SmolLM2-135M-Instruct runs the whole pipeline anywhere, but it is too small
-    to judge: its Yes/No margin barely depends on the text, so detection scores stay near chance.
-    Use a larger model (or an API model through `ChatJudge`) for scores worth reading.
-    """
-
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 max_new_tokens: int = 40, batch_size: int = 8,
-                 explanation_prefix: str = "The feature fires on") -> None:
-        super().__init__(self._generate, batch_size)
-        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
-        self.explanation_prefix = explanation_prefix
-        self.answer_ids = [
-            sorted({tokenizer.encode(variant, add_special_tokens=False)[0]
-                    for variant in (word, " " + word)})
-            for word in ("Yes", "No")
-        ]
-
-    def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer.chat_template is None:
-            text = "\n\n".join(message["content"] for message in messages) + "\nAnswer:"
-            return self.tokenizer.encode(text)
-        return list(self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-
-    def explain(self, examples: Sequence[str]) -> str:
-        prefix = self.explanation_prefix
-        return _first_line(prefix + self._generate(explanation_messages(examples), prefix))
-
-    @torch.inference_mode()
-    def _generate(self, messages: list[dict[str, str]], answer_prefix: str = "") -> str:
-        """The reply to `messages`, continuing `answer_prefix` (which is not repeated)."""
-        prefix_ids = self.tokenizer.encode(answer_prefix, add_special_tokens=False)
-        input_ids = torch.tensor([self._prompt_ids(messages) + prefix_ids],
-                                 device=self.model.device)
-        pad_id = self.tokenizer.pad_token_id
-        output = self.model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-            max_new_tokens=self.max_new_tokens,
-            pad_token_id=pad_id if pad_id is not None else self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
-
-    @torch.inference_mode()
-    def detect(self, explanation: str, texts: Sequence[str]) -> list[bool]:
-        prompts = [self._prompt_ids(detection_messages(explanation, [text])) for text in texts]
-        verdicts = []
-        for first in range(0, len(prompts), self.batch_size):
-            batch = prompts[first:first + self.batch_size]
-            lengths = torch.tensor([len(ids) for ids in batch])
-            width = int(lengths.max())
-            input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in batch])
-            mask = torch.arange(width) < lengths.unsqueeze(1)  # right padding keeps positions
-            logits = self.model(input_ids=input_ids.to(self.model.device),
-                                attention_mask=mask.long().to(self.model.device)).logits
-            last = logits[torch.arange(len(batch)), lengths - 1].float()
-            yes, no = (last[:, ids].logsumexp(-1) for ids in self.answer_ids)
-            verdicts += (yes > no).tolist()
-        return verdicts
+def _marked(example: Example, tokenizer: PreTrainedTokenizerBase, marks: Sequence[bool]) -> str:
+    """The window's text with each run of marked tokens in `<<...>>`."""
+    pieces, inside = [], False
+    for text, marked in zip(token_strings(tokenizer, example.tokens), marks, strict=True):
+        if marked != inside:
+            pieces.append("<<" if marked else ">>")
+            inside = marked
+        pieces.append(text)
+    return "".join(pieces + ([">>"] if inside else []))
 
 
 def highlighted_text(example: Example, tokenizer: PreTrainedTokenizerBase,
                      threshold: float = 0.3) -> str:
     """The window's text with runs of tokens at ≥ `threshold`·(its max activation) in `<<...>>`."""
     cutoff = threshold * example.max_activation
-    pieces, inside = [], False
-    for text, activation in zip(token_strings(tokenizer, example.tokens), example.activations,
-                                strict=True):
-        marked = example.max_activation > 0 and activation >= cutoff
-        if marked != inside:
-            pieces.append("<<" if marked else ">>")
-            inside = marked
-        pieces.append(text)
-    return "".join(pieces + ([">>"] if inside else []))
+    return _marked(example, tokenizer, [example.max_activation > 0 and activation >= cutoff
+                                        for activation in example.activations])
 
 
 def plain_text(example: Example, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -204,10 +70,12 @@ class ScoringConfig:
         "help": "'neighbour' (random ones fill up) or 'random' non-activating contexts"})
     highlight_threshold: float = field(default=0.3, metadata={
         "help": "mark tokens at >= this fraction of the example's max activation"})
+    fuzzing: bool = field(default=True, metadata={
+        "help": "also score by fuzzing, when the judge can (has a fuzz method)"})
     quantile_agreement: bool = field(default=True, metadata={
         "help": "also explain from the upper/lower quantile halves and measure agreement"})
     shuffle_seed: int = field(default=0, metadata={
-        "help": "seed of the order contexts are judged in"})
+        "help": "seed of the order contexts are judged in and of the fuzzing marks"})
 
     def __post_init__(self) -> None:
         if self.negatives not in ("neighbour", "random"):
@@ -218,9 +86,30 @@ class ScoringConfig:
 
 
 @dataclass
+class ClassificationScores:
+    """One scorer's verdicts on one latent's held-out contexts (see the module docstring).
+
+    `*_per_quantile[q]` is over the positives of bin q (weakest first; None if it has none).
+    """
+
+    n_positives: int
+    n_negatives: int
+    recall: float
+    specificity: float
+    balanced_accuracy: float
+    accuracy: float
+    recall_per_quantile: list[float | None]
+    balanced_accuracy_per_quantile: list[float | None]
+
+
+@dataclass
 class LatentScore:
-    """Detection scores of one latent; `status` is `"scored"`, `"dead"` (never fired),
-    `"too_few_examples"` (no held-out activating context) or `"no_negatives"` (fires everywhere)."""
+    """Scores of one latent; `status` is `"scored"`, `"dead"` (never fired), `"too_few_examples"`
+    (no held-out activating context) or `"no_negatives"` (fires everywhere).
+
+    The detection scores are the flat fields (as `ClassificationScores` names them); `fuzzing`
+    holds the fuzzing scores when the judge could fuzz.
+    """
 
     latent: int
     status: str
@@ -235,6 +124,8 @@ class LatentScore:
     balanced_accuracy: float | None = None
     accuracy: float | None = None
     recall_per_quantile: list[float | None] = field(default_factory=list)
+    balanced_accuracy_per_quantile: list[float | None] = field(default_factory=list)
+    fuzzing: ClassificationScores | None = None
     quantile_explanations: dict[str, str] | None = None
     quantile_agreement: float | None = None
 
@@ -242,28 +133,66 @@ class LatentScore:
         return asdict(self)
 
 
-def _mean(values: Sequence[bool]) -> float | None:
+def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _judge(detector: Detector, explanation: str, texts: list[str],
-           generator: torch.Generator) -> list[bool]:
-    """Verdicts in the order of `texts`, asked in a seeded shuffled order (no position bias)."""
+def _shuffled_verdicts(judge: Any, explanation: str, texts: list[str],
+                       generator: torch.Generator) -> list[bool]:
+    """`judge(explanation, texts)` in the order of `texts`, asked in a seeded shuffled order (no
+    position bias)."""
     order = torch.randperm(len(texts), generator=generator).tolist()
-    shuffled = list(detector.detect(explanation, [texts[i] for i in order]))
+    shuffled = list(judge(explanation, [texts[i] for i in order]))
     if len(shuffled) != len(texts):
-        raise ValueError(f"{type(detector).__name__}.detect returned {len(shuffled)} verdicts for "
-                         f"{len(texts)} texts; a Detector must return one bool per text")
+        raise ValueError(f"{getattr(judge, '__qualname__', type(judge).__name__)} returned "
+                         f"{len(shuffled)} verdicts for {len(texts)} texts; a judge must return "
+                         f"one bool per text")
     verdicts = [False] * len(texts)
     for position, verdict in zip(order, shuffled, strict=True):
         verdicts[position] = bool(verdict)
     return verdicts
 
 
+def classification_scores(positives: Sequence[Example], verdicts: Sequence[bool], n_quantiles: int,
+                          window_firing_rate: float) -> ClassificationScores:
+    """Scores of `verdicts` on `positives` followed by negatives (true = "the latent is here")."""
+    hits = list(verdicts[:len(positives)])
+    rejections = [not verdict for verdict in verdicts[len(positives):]]
+    recall, specificity = _mean(hits), _mean(rejections)
+    per_quantile = [_mean([hit for hit, example in zip(hits, positives, strict=True)
+                           if example.quantile == q]) for q in range(n_quantiles)]
+    return ClassificationScores(
+        n_positives=len(hits), n_negatives=len(rejections), recall=recall,
+        specificity=specificity, balanced_accuracy=(recall + specificity) / 2,
+        accuracy=window_firing_rate * recall + (1 - window_firing_rate) * specificity,
+        recall_per_quantile=per_quantile,
+        balanced_accuracy_per_quantile=[None if r is None else (r + specificity) / 2
+                                        for r in per_quantile])
+
+
+def _fuzzing_texts(positives: list[Example], negatives: list[Example],
+                   tokenizer: PreTrainedTokenizerBase, config: ScoringConfig,
+                   generator: torch.Generator) -> list[str]:
+    """Positives marked where the latent fires; negatives with random tokens marked, as many as
+    positives have active tokens on average (rounded up, delphi's rule)."""
+    n_marked = math.ceil(_mean([sum(a > 0 for a in example.activations)
+                                for example in positives]))
+    texts = [highlighted_text(example, tokenizer, config.highlight_threshold)
+             for example in positives]
+    for example in negatives:
+        chosen = torch.randperm(len(example.tokens), generator=generator)[:n_marked].tolist()
+        texts.append(_marked(example, tokenizer, [i in chosen for i in range(len(example.tokens))]))
+    return texts
+
+
 def score_latent(examples: LatentExamples, explainer: Explainer, detector: Detector,
                  tokenizer: PreTrainedTokenizerBase, firing_rate: float,
-                 config: ScoringConfig | None = None) -> LatentScore:
-    """Explain one latent from its top examples and score the explanation (see module docstring)."""
+                 config: ScoringConfig | None = None, fuzzer: Fuzzer | None = None
+                 ) -> LatentScore:
+    """Explain one latent from its top examples and score the explanation (module docstring).
+
+    Fuzzing uses `fuzzer`, else the detector when it can fuzz (`config.fuzzing` turns it off).
+    """
     config = config or ScoringConfig()
     score = LatentScore(examples.latent, "scored", firing_rate, examples.window_firing_rate)
     positives = [example for bin_ in examples.quantiles for example in bin_]
@@ -289,28 +218,29 @@ def score_latent(examples: LatentExamples, explainer: Explainer, detector: Detec
 
     generator = torch.Generator().manual_seed(config.shuffle_seed * 1_000_003 + examples.latent)
     negatives = neighbours + randoms
+    n_quantiles, rate = len(examples.quantiles), examples.window_firing_rate
     score.explanation = explain(examples.top)
-    verdicts = _judge(detector, score.explanation,
-                      [plain_text(example, tokenizer) for example in positives + negatives],
-                      generator)
-    hits, rejections = verdicts[:len(positives)], [not v for v in verdicts[len(positives):]]
+    verdicts = _shuffled_verdicts(detector.detect, score.explanation,
+                                  [plain_text(example, tokenizer)
+                                   for example in positives + negatives], generator)
+    detection = classification_scores(positives, verdicts, n_quantiles, rate)
     score.n_positives = len(positives)
     score.n_neighbour_negatives, score.n_random_negatives = len(neighbours), len(randoms)
-    score.recall, score.specificity = _mean(hits), _mean(rejections)
-    score.balanced_accuracy = (score.recall + score.specificity) / 2
-    rate = examples.window_firing_rate
-    score.accuracy = rate * score.recall + (1 - rate) * score.specificity
-    score.recall_per_quantile = [
-        _mean([hit for hit, example in zip(hits, positives, strict=True) if example.quantile == q])
-        for q in range(len(examples.quantiles))
-    ]
-    half = len(examples.quantiles) // 2
+    for name in ("recall", "specificity", "balanced_accuracy", "accuracy", "recall_per_quantile",
+                 "balanced_accuracy_per_quantile"):
+        setattr(score, name, getattr(detection, name))
+    fuzzer = fuzzer or (detector if hasattr(detector, "fuzz") else None)
+    if config.fuzzing and fuzzer is not None:
+        texts = _fuzzing_texts(positives, negatives, tokenizer, config, generator)
+        verdicts = _shuffled_verdicts(fuzzer.fuzz, score.explanation, texts, generator)
+        score.fuzzing = classification_scores(positives, verdicts, n_quantiles, rate)
+    half = n_quantiles // 2
     low = [example for bin_ in examples.quantiles[:half] for example in bin_]
     high = [example for bin_ in examples.quantiles[half:] for example in bin_]
     if config.quantile_agreement and low and high:
         score.quantile_explanations = {"high": explain(high), "low": explain(low)}
         shared = [plain_text(example, tokenizer) for example in examples.top + negatives]
-        high_verdicts, low_verdicts = (_judge(detector, text, shared, generator)
+        high_verdicts, low_verdicts = (_shuffled_verdicts(detector.detect, text, shared, generator)
                                        for text in score.quantile_explanations.values())
         score.quantile_agreement = _mean([a == b for a, b in zip(high_verdicts, low_verdicts,
                                                                   strict=True)])
@@ -319,16 +249,27 @@ def score_latent(examples: LatentExamples, explainer: Explainer, detector: Detec
 
 def score_latents(examples: Iterable[LatentExamples], explainer: Explainer, detector: Detector,
                   tokenizer: PreTrainedTokenizerBase, statistics: LatentStatistics,
-                  config: ScoringConfig | None = None) -> list[LatentScore]:
-    """`score_latent` for each latent, with its firing rate from `statistics`."""
+                  config: ScoringConfig | None = None, fuzzer: Fuzzer | None = None,
+                  max_workers: int = 1) -> list[LatentScore]:
+    """`score_latent` for each latent, with its firing rate from `statistics`, in order.
+
+    `max_workers > 1` scores that many latents at once in threads: worth it for a judge behind
+    an HTTP server (`OpenAICompatibleChat`), which then has that many requests in flight.
+    """
     examples = list(examples)
     outside = [item.latent for item in examples if not 0 <= item.latent < statistics.n_latents]
     if outside:
         raise ValueError(f"latents {outside[:8]} are outside the {statistics.n_latents} latents of "
                          f"statistics: examples and statistics come from different SAEs")
-    return [score_latent(latent_examples, explainer, detector, tokenizer,
-                         float(statistics.firing_rate[latent_examples.latent]), config)
-            for latent_examples in examples]
+
+    def score(latent_examples: LatentExamples) -> LatentScore:
+        return score_latent(latent_examples, explainer, detector, tokenizer,
+                            float(statistics.firing_rate[latent_examples.latent]), config, fuzzer)
+
+    if max_workers <= 1:
+        return [score(latent_examples) for latent_examples in examples]
+    with ThreadPoolExecutor(max_workers) as pool:
+        return list(pool.map(score, examples))
 
 
 def _weighted(values: Sequence[float], weights: Sequence[float]) -> float | None:
@@ -336,14 +277,42 @@ def _weighted(values: Sequence[float], weights: Sequence[float]) -> float | None
     return sum(v * w for v, w in zip(values, weights, strict=True)) / total if total else None
 
 
+def _per_quantile_means(rows: list[list[float | None]]) -> list[float | None]:
+    """Mean of each quantile bin over latents that have positives there."""
+    width = max((len(row) for row in rows), default=0)
+    return [_mean([row[q] for row in rows if q < len(row) and row[q] is not None])
+            for q in range(width)]
+
+
+def _scorer_summary(scores: Sequence[ClassificationScores], rates: Sequence[float],
+                    prefix: str = "") -> dict[str, Any]:
+    balanced = [s.balanced_accuracy for s in scores]
+    accuracy = [s.accuracy for s in scores]
+    per_quantile = _per_quantile_means([s.balanced_accuracy_per_quantile for s in scores])
+    known = [value for value in per_quantile if value is not None]
+    return {
+        f"{prefix}mean_balanced_accuracy": _mean(balanced),
+        f"{prefix}mean_accuracy": _mean(accuracy),
+        f"{prefix}firing_rate_weighted_balanced_accuracy": _weighted(balanced, rates),
+        f"{prefix}firing_rate_weighted_accuracy": _weighted(accuracy, rates),
+        f"{prefix}perfect_fraction": _mean([b == 1.0 for b in balanced]),
+        f"{prefix}mean_balanced_accuracy_per_quantile": per_quantile,
+        f"{prefix}quantile_drop_off": known[-1] - known[0] if len(known) > 1 else None,
+    }
+
+
 def summarize(scores: Sequence[LatentScore], statistics: LatentStatistics | None = None
               ) -> dict[str, Any]:
     """Means over scored latents (plain and firing-rate weighted), the fraction with a perfect
-    balanced accuracy, and counts by status; with `statistics`, dead latents of the whole SAE."""
+    balanced accuracy, the per-quantile means and their drop-off (top bin minus bottom bin), for
+    detection and (`fuzzing_*`) fuzzing, and counts by status; with `statistics`, dead latents of
+    the whole SAE."""
     scored = [score for score in scores if score.status == "scored"]
-    balanced = [score.balanced_accuracy for score in scored]
-    accuracy = [score.accuracy for score in scored]
-    rates = [score.firing_rate for score in scored]
+    detection = [ClassificationScores(
+        s.n_positives, s.n_neighbour_negatives + s.n_random_negatives, s.recall, s.specificity,
+        s.balanced_accuracy, s.accuracy, s.recall_per_quantile, s.balanced_accuracy_per_quantile)
+        for s in scored]
+    fuzzed = [s for s in scored if s.fuzzing is not None]
     agreement = [s.quantile_agreement for s in scored if s.quantile_agreement is not None]
     statuses = [score.status for score in scores]
     summary: dict[str, Any] = {
@@ -351,12 +320,11 @@ def summarize(scores: Sequence[LatentScore], statistics: LatentStatistics | None
         "n_scored": len(scored),
         **{f"n_{status}": statuses.count(status)
            for status in ("dead", "too_few_examples", "no_negatives")},
-        "mean_balanced_accuracy": sum(balanced) / len(scored) if scored else None,
-        "mean_accuracy": sum(accuracy) / len(scored) if scored else None,
-        "firing_rate_weighted_balanced_accuracy": _weighted(balanced, rates),
-        "firing_rate_weighted_accuracy": _weighted(accuracy, rates),
-        "perfect_fraction": sum(b == 1.0 for b in balanced) / len(scored) if scored else None,
-        "mean_quantile_agreement": sum(agreement) / len(agreement) if agreement else None,
+        **_scorer_summary(detection, [s.firing_rate for s in scored]),
+        "n_fuzzed": len(fuzzed),
+        **_scorer_summary([s.fuzzing for s in fuzzed], [s.firing_rate for s in fuzzed],
+                          "fuzzing_"),
+        "mean_quantile_agreement": _mean(agreement),
     }
     if statistics is not None:
         summary["n_dead_in_sae"] = int(statistics.dead.sum())
