@@ -30,9 +30,12 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each `train` must start like a new process."""
+    """Accelerate keeps process-wide singletons; each `train` must start like a new process, and
+    leave none behind, whatever ran before it."""
     from accelerate.state import AcceleratorState, GradientState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

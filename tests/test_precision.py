@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from test_activations import make_tiny_lm, write_corpus
 from test_training_e2e import HOOKPOINT, TINY_SAE, tiny_config
 from tiny_models import judge_tokenizer, tiny_model
 from transformers import AutoModel
@@ -143,19 +141,9 @@ def test_language_model_auto_keeps_a_bf16_checkpoint_only_where_bf16_is_fast(tmp
     assert load_language_model(str(tmp_path), dtype="bfloat16")[0].dtype == torch.bfloat16
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    corpus = write_corpus(folder)
-    return make_tiny_lm(folder, corpus), corpus
-
-
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_training_logs_and_records_every_choice(tiny_lm, tmp_path, capsys, bf16_is_fast):
-    try:
-        train(tiny_config(tiny_lm, tmp_path, total_tokens=64 * 4), TINY_SAE)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    train(tiny_config(tiny_lm, tmp_path, total_tokens=64 * 4), TINY_SAE)
     half = "bfloat16" if bf16_is_fast else "float32"
     recorded = AutoModel.from_pretrained(tmp_path / HOOKPOINT).config.training_config
     assert recorded["mixed_precision"] == "auto"
