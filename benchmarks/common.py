@@ -56,8 +56,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LOAD_AVERAGE_AT_START = os.getloadavg()
 """1/5/15-minute load averages when the benchmark started (they include its own threads)."""
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_deepsae"
-EMULATION_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "HF_DEEPSAE_FAST_BF16",
-                       "HF_DEEPSAE_FAST_FP16")
+EMULATION_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
+                       "HF_DEEPSAE_FAST_BF16", "HF_DEEPSAE_FAST_FP16")
 """Environment variables that change which kernels run (see README: emulating an AVX2 CPU)."""
 
 
