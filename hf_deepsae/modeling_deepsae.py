@@ -549,9 +549,11 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
                 `decode` of the result is the prefix's reconstruction the Matryoshka loss trains.
         """
         inputs = self._prepare(x, "x", self.config.d_in, self.input_scale)
+        if prefix is not None:
+            self._check_prefix(prefix)
         latents = self._gather_latents(self._run_stages(inputs))
         acts = latents.latent_acts if prefix is None else truncate_latents(
-            latents.latent_acts, latents.latent_indices, self._check_prefix(prefix))
+            latents.latent_acts, latents.latent_indices, prefix)
         return SparseLatents(
             _unflatten(acts, x.shape[:-1]),
             None if latents.latent_indices is None
@@ -563,12 +565,11 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         given; see `encode`)."""
         return self.densify(*self.encode(x, prefix=prefix))
 
-    def _check_prefix(self, prefix: Any) -> int:
+    def _check_prefix(self, prefix: Any) -> None:
         total = self.config.n_total_latents
         if isinstance(prefix, bool) or not isinstance(prefix, int) or not 1 <= prefix <= total:
             raise ValueError(f"prefix={prefix!r} must be a number of latents in [1, {total}] (this "
                              f"SAE's Matryoshka prefixes: {self.config.matryoshka_prefixes})")
-        return prefix
 
     def densify(self, latent_acts: torch.Tensor,
                 latent_indices: torch.Tensor | None) -> torch.Tensor:

@@ -27,6 +27,8 @@ ARCHITECTURES = {
     "stacked": {"n_stacked": 3},
     "transcoder": {"transcoder": True, "d_out": 24},
     "normalized": {"normalize_input": True},
+    "matryoshka": {"sparsity": "batchtopk", "decoder_hidden": [48],
+                   "matryoshka_prefixes": [16, 64]},
 }
 TOPK_ARCHITECTURES = ["topk", "mlp-encoder", "deep", "stacked", "transcoder", "normalized"]
 
@@ -405,7 +407,7 @@ def test_save_and_automodel_round_trip(name, tmp_path):
     sae.eval()
     sae.save_pretrained(tmp_path)
     assert {"config.json", "model.safetensors", "modeling_deepsae.py", "configuration_deepsae.py",
-            "sparsity.py"} <= set(os.listdir(tmp_path))
+            "sparsity.py", "matryoshka.py"} <= set(os.listdir(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == (
         "modeling_deepsae.DeepSAEModel")
     loaded = AutoModel.from_pretrained(tmp_path)
