@@ -487,7 +487,8 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
         prefixes = self.config.matryoshka_prefixes
         if prefixes is None:
             return None
-        nested = prefix_reconstructions(self.stages, results, prefixes[:-1], self.config.n_latents)
+        smaller = [prefix for prefix in prefixes if prefix < self.config.n_total_latents]
+        nested = prefix_reconstructions(self.stages, results, smaller, self.config.n_latents)
         return torch.stack([
             _fraction_unexplained((prefix + skip - targets).float().pow(2).sum(), targets,
                                   undefined=math.nan) for prefix in nested] + [fvu])
