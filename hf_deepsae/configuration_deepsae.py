@@ -105,6 +105,18 @@ class DeepSAEConfig(PretrainedConfig):
             stages before it left unexplained, reconstructions add up and L0 is their sum.
         transcoder (`bool`, defaults to `False`): read the MLP input and predict the MLP output.
         d_out (`int`, *optional*): output width; only for transcoders (otherwise equals `d_in`).
+        matryoshka_prefixes (`list[int]`, *optional*): train a Matryoshka SAE (Bussmann et al.
+            2025; Nabeshima 2025): for each prefix p, the latents with global id < p must
+            reconstruct the target on their own, so early latents learn general features and later
+            ones refine them. Strictly increasing latent counts; the full width `n_total_latents`
+            is always the last prefix (appended when omitted). A prefix's reconstruction is the
+            SAE's output with the later latents switched off (the same top-k latents, truncated;
+            the full decoder). Ids are global, stage 0's first: on a stacked SAE a prefix keeps
+            whole the stages it passes and truncates the one it ends in (see `matryoshka.py`).
+            The loss's FVU term becomes the weighted mean of the prefixes' FVUs. None: an
+            ordinary SAE.
+        matryoshka_weights (`list[float]`, *optional*): one weight >= 0 per prefix (the full width
+            included) of that weighted mean; defaults to equal weights.
         skip_connection (`bool`, defaults to `False`): add a linear skip `W_skip x`
             (`[d_out, d_in]`, zero-initialised) to a transcoder's output, as in skip transcoders
             (Paulo et al. 2025; sparsify, circuit-tracer and SAELens hold the same term), so the
@@ -168,6 +180,8 @@ class DeepSAEConfig(PretrainedConfig):
         n_stacked: int = 1,
         transcoder: bool = False,
         d_out: int | None = None,
+        matryoshka_prefixes: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
         skip_connection: bool = False,
         normalize_input: bool = False,
         k_aux: int | None = None,
@@ -208,6 +222,8 @@ class DeepSAEConfig(PretrainedConfig):
         self.n_stacked = n_stacked
         self.transcoder = transcoder
         self.d_out = d_out if d_out is not None else d_in
+        self.matryoshka_prefixes = _optional_list("matryoshka_prefixes", matryoshka_prefixes)
+        self.matryoshka_weights = _optional_list("matryoshka_weights", matryoshka_weights)
         self.skip_connection = skip_connection
         self.normalize_input = normalize_input
         self.k_aux = k_aux if k_aux is not None else _default_k_aux(d_in, self.n_latents)
@@ -229,6 +245,7 @@ class DeepSAEConfig(PretrainedConfig):
         self.metrics = metrics
         self.neuronpedia_id = neuronpedia_id
         self._validate()
+        self.matryoshka_prefixes = self._completed_prefixes()
         super().__init__(**kwargs)
 
     @property
@@ -297,6 +314,7 @@ class DeepSAEConfig(PretrainedConfig):
         if self.hook_site not in HOOK_SITES:
             _fail("hook_site", self.hook_site, f"choose one of {list(HOOK_SITES)}")
         self._validate_numbers()
+        self._validate_matryoshka()
         self._validate_provenance()
         if self.topk_selection_dtype is not None:
             if self.topk_selection_dtype not in SELECTION_DTYPES:
@@ -325,6 +343,45 @@ class DeepSAEConfig(PretrainedConfig):
                 not _is_real(self.initializer_range) or self.initializer_range <= 0):
             _fail("initializer_range", self.initializer_range,
                   "use a finite std > 0, or None for Kaiming-uniform")
+
+    def _completed_prefixes(self) -> list[int] | None:
+        """`matryoshka_prefixes` ending in the full width `n_total_latents` (added if omitted)."""
+        prefixes = self.matryoshka_prefixes
+        if prefixes is None or prefixes[-1] == self.n_total_latents:
+            return prefixes
+        return [*prefixes, self.n_total_latents]
+
+    def _validate_matryoshka(self) -> None:
+        """Prefixes: nested latent counts within the SAE; weights: one usable weight per prefix."""
+        prefixes, weights, total = (self.matryoshka_prefixes, self.matryoshka_weights,
+                                    self.n_total_latents)
+        if prefixes is not None:
+            if not prefixes or not all(_is_int(prefix) and prefix > 0 for prefix in prefixes):
+                _fail("matryoshka_prefixes", prefixes, "give positive latent counts, e.g. "
+                      "[512, 2048], or None for an ordinary SAE")
+            too_wide = [prefix for prefix in prefixes if prefix > total]
+            if too_wide:
+                _fail("matryoshka_prefixes", prefixes,
+                      f"prefixes count latents, at most n_total_latents={total} (n_stacked · "
+                      f"n_latents); drop {too_wide} or widen the SAE")
+            if prefixes != sorted(set(prefixes)):
+                _fail("matryoshka_prefixes", prefixes,
+                      f"nested prefixes must strictly increase, smallest first: use "
+                      f"{sorted(set(prefixes))}")
+        if weights is None:
+            return
+        if prefixes is None:
+            _fail("matryoshka_weights", weights, "weights belong to matryoshka_prefixes; set "
+                  "those too, or drop the weights")
+        completed = self._completed_prefixes()
+        if len(weights) != len(completed):
+            _fail("matryoshka_weights", weights,
+                  f"give one weight per prefix of {completed} (the full width "
+                  f"n_total_latents={total} is always the last prefix): {len(completed)} "
+                  f"weights, not {len(weights)}")
+        if not all(_is_real(weight) and weight >= 0 for weight in weights) or sum(weights) <= 0:
+            _fail("matryoshka_weights", weights,
+                  "weights must be finite, >= 0 and not all 0 (the loss is their weighted mean)")
 
     def _validate_provenance(self) -> None:
         for field in ("base_model_name_or_path", "hookpoint", "neuronpedia_id"):
@@ -416,12 +473,19 @@ def saved_config_problem(config_class: type, config_dict: dict[str, Any]
 
 
 def _widths(field: str, widths: Any) -> list[int]:
-    """Hidden widths as a list; a bare number or string is a mistake, not a list."""
-    if widths is None:
-        return []
-    if not isinstance(widths, list | tuple):
-        _fail(field, widths, "give a list of widths, e.g. [1024] (or [] for none)")
-    return list(widths)
+    """Hidden widths as a list (None: no hidden layer)."""
+    return _optional_list(field, widths, "give a list of widths, e.g. [1024] (or [] for none)"
+                          ) or []
+
+
+def _optional_list(field: str, values: Any,
+                   fix: str = "give a list, e.g. [512, 2048], or None") -> list | None:
+    """None, or a copy of a list; a bare number or string is a mistake, not a list."""
+    if values is None:
+        return None
+    if not isinstance(values, list | tuple):
+        _fail(field, values, fix)
+    return list(values)
 
 
 def _default_k_aux(d_in: Any, n_latents: Any) -> int | None:

@@ -150,10 +150,23 @@ def describe_architecture(config: DeepSAEConfig) -> str:
     if config.n_stacked > 1:
         sentences.append(f"Stage i encodes what the stages before it left unexplained; the "
                          f"{config.n_stacked} reconstructions add up and L0 is their sum.")
+    if config.matryoshka_prefixes:
+        sentences.append(_matryoshka_words(config))
     if config.normalize_input:
         sentences.append("Inputs are multiplied by a scale fitted on the training data and "
                          "stored with the weights (outputs are divided by it).")
     return " ".join(sentences)
+
+
+def _matryoshka_words(config: DeepSAEConfig) -> str:
+    """Matryoshka training in words: which nested prefixes reconstruct on their own."""
+    prefixes = ", ".join(f"{prefix:,}" for prefix in config.matryoshka_prefixes)
+    weights = (f"weights {', '.join(map(str, config.matryoshka_weights))}"
+               if config.matryoshka_weights else "equal weights")
+    return (f"Matryoshka training (Bussmann et al. 2025): the first {prefixes} latents each "
+            f"learned to reconstruct on their own (the loss averages their FVUs with {weights}), "
+            f"so lower latent ids hold the more general features and `encode(x, prefix=…)` "
+            f"gives a smaller model.")
 
 
 def _dense_words(widths: list[int], config: DeepSAEConfig) -> str:
@@ -181,6 +194,8 @@ def _architecture_rows(sae: DeepSAEModel) -> list[tuple[str, str]]:
     ]
     if config.encoder_hidden or config.decoder_hidden:
         rows += [("Hidden activation", config.hidden_act), ("LayerNorm", str(config.layer_norm))]
+    if config.matryoshka_prefixes:
+        rows.append(("Matryoshka prefixes", ", ".join(map(str, config.matryoshka_prefixes))))
     if config.normalize_input:
         rows.append(("Input scale", f"{float(sae.input_scale):.4g}"))
     rows.append(("Parameters", f"{sae.num_parameters():,}"))
@@ -245,6 +260,7 @@ def _card_data(configs: Mapping[str, DeepSAEConfig], model_name: str, license: s
     for config in configs.values():
         architecture = config.architecture
         tags += [architecture if config.transcoder else f"{architecture}-sae", config.sparsity]
+        tags += ["matryoshka"] if config.matryoshka_prefixes else []
     eval_results = [
         result for name, config in configs.items()
         for result in _eval_results(config, name if per_hookpoint else None)

@@ -4,9 +4,9 @@ Every architecture is a stack of `SparseStage`s (one unless `n_stacked > 1`). A 
 `encoder MLP → Linear → sparsity → decoder (W_dec, then an optional MLP) + b_dec`. Stacked stages
 are residual: stage i encodes what stages < i left unexplained and the reconstructions add up.
 
-This file, `configuration_deepsae.py`, `sparsity.py`, `pre_activation_std.py` and `precision.py`
-are copied next to every saved checkpoint (`auto_map`), so they import nothing from hf_deepsae
-beyond each other.
+This file, `configuration_deepsae.py`, `sparsity.py`, `matryoshka.py`, `pre_activation_std.py`
+and `precision.py` are copied next to every saved checkpoint (`auto_map`), so they import nothing
+from hf_deepsae beyond each other.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 from .configuration_deepsae import DeepSAEConfig
 from .files import FileFormatError, chmod_as_new_file
 from .integrity import CheckpointFiles, nonfinite_tensors, record_weights_checksums
+from .matryoshka import matryoshka_loss, prefix_reconstructions, truncate_latents
 from .pre_activation_std import gram_pre_act_std, mean_row_std
 from .sparsity import (
     SPARSITY_CLASSES,
@@ -57,15 +58,22 @@ class DeepSAEOutput(ModelOutput):
         latent_indices: `[..., n_stacked * k]` global latent ids for `topk`; `None` else.
         fvu: fraction of variance unexplained, `Σ‖x̂ - y‖² / Σ‖y - ȳ‖²` over the batch; NaN when
             the targets have no variance (one row, or identical rows), where FVU is undefined.
+        matryoshka_fvu: `[n_prefixes]` FVU of each of `config.matryoshka_prefixes`' reconstructions
+            (the last, the full width, is `fvu`); None for an ordinary SAE.
         aux_loss: AuxK loss of dead latents on the residual error (0 without a `dead_mask`).
         pre_act_std: mean over rows of the std of the encoder pre-activations across latents.
-        loss: `fvu + auxk_coefficient·aux_loss + std_coefficient·pre_act_std` + the L1/L0 penalty.
+        loss: `fvu + auxk_coefficient·aux_loss + std_coefficient·pre_act_std` + the L1/L0 penalty;
+            a Matryoshka SAE has the weighted mean of `matryoshka_fvu` in place of `fvu`.
+
+    A transcoder called without a target only predicts: `fvu`, `matryoshka_fvu`, `aux_loss` and
+    `loss` are None, as a `transformers` model's loss without labels.
     """
 
     reconstruction: torch.Tensor | None = None
     latent_acts: torch.Tensor | None = None
     latent_indices: torch.Tensor | None = None
     fvu: torch.Tensor | None = None
+    matryoshka_fvu: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     pre_act_std: torch.Tensor | None = None
     loss: torch.Tensor | None = None
@@ -160,6 +168,28 @@ class SparseStage(nn.Module):
         first_layer = self._first_decoder_layer(latent_acts, latent_indices)
         decoded = first_layer if self.decoder_mlp is None else self.decoder_mlp(first_layer)
         return decoded + self.b_dec
+
+    def decode_prefixes(self, latent_acts: torch.Tensor, latent_indices: torch.Tensor | None,
+                        ends: list[int]) -> list[torch.Tensor]:
+        """`decode` of only the latents of local id < each of `ends` (increasing): Matryoshka
+        prefixes. The first decoder layer is summed block by block, so dense latents cost one full
+        matmul in all; each prefix then goes through the whole decoder MLP."""
+        outputs, first_layer, start = [], 0.0, 0
+        for end in ends:
+            first_layer = first_layer + self._block_first_layer(latent_acts, latent_indices,
+                                                                start, end)
+            decoded = first_layer if self.decoder_mlp is None else self.decoder_mlp(first_layer)
+            outputs.append(decoded + self.b_dec)
+            start = end
+        return outputs
+
+    def _block_first_layer(self, latent_acts: torch.Tensor, latent_indices: torch.Tensor | None,
+                           start: int, end: int) -> torch.Tensor:
+        """`z @ W_dec` over the latents of local id in `[start, end)` only."""
+        if latent_indices is None:
+            return latent_acts[..., start:end].to(self.W_dec.dtype) @ self.W_dec[start:end]
+        in_block = (latent_indices >= start) & (latent_indices < end)
+        return self._first_decoder_layer(latent_acts * in_block, latent_indices)
 
     def top_latents(self, scores: torch.Tensor, k: int,
                     among: torch.Tensor | None = None) -> torch.Tensor:
@@ -392,43 +422,76 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
 
         Args:
             x: `[..., d_in]` activations.
-            target: `[..., d_out]` what to reconstruct; defaults to `x` (required for transcoders).
+            target: `[..., d_out]` what to reconstruct; defaults to `x` for autoencoders. Without
+                it a transcoder only predicts (the scores are None, see `DeepSAEOutput`).
             dead_mask: `[n_total_latents]` bool, latents considered dead; enables the AuxK loss.
             std_coefficient: overrides `config.std_coefficient` (for decay schedules).
         """
         config = self.config
-        if config.transcoder and target is None:
-            raise ValueError("a transcoder needs target= (the MLP output it predicts)")
         inputs = self._prepare(x, "x", config.d_in, self.input_scale)
         leading_shape = x.shape[:-1]
-        targets = inputs if target is None else self._prepare(
-            target, "target", config.d_out, self.output_scale)
-        if target is not None and target.shape[:-1] != leading_shape:
-            raise ValueError(f"target {tuple(target.shape)} must have the leading shape of x "
-                             f"{tuple(x.shape)}: one target row per input row")
+        targets = self._targets(inputs, target, leading_shape)
         std_weight = config.std_coefficient if std_coefficient is None else std_coefficient
         if isinstance(std_weight, bool) or not isinstance(std_weight, int | float) \
                 or not math.isfinite(std_weight) or std_weight < 0:
             raise ValueError(f"std_coefficient={std_weight!r} must be a finite number >= 0")
         results = self._run_stages(inputs)
-        reconstruction = sum(result.reconstruction for result in results) + self._skip(inputs)
-        error = reconstruction - targets
-        fvu = _fraction_unexplained(error.float().pow(2).sum(), targets, undefined=math.nan)
-        aux_loss = self._auxk_loss(results, error.detach(), dead_mask)
+        skip = self._skip(inputs)
+        reconstruction = sum(result.reconstruction for result in results) + skip
         pre_act_std = torch.stack([
             stage.pre_act_std(result.hidden, result.pre_acts, differentiable=std_weight > 0)
             for stage, result in zip(self.stages, results, strict=True)
         ]).mean()
-        loss = fvu + config.auxk_coefficient * aux_loss + std_weight * pre_act_std
-        loss = loss + self._sparsity_penalty(results)
+        scores = {} if targets is None else self._scores(
+            results, reconstruction, skip, targets, dead_mask,
+            std_weight * pre_act_std + self._sparsity_penalty(results))
         latents = self._gather_latents(results)
         return DeepSAEOutput(
             reconstruction=_unflatten(reconstruction / self.output_scale, leading_shape),
             latent_acts=_unflatten(latents.latent_acts, leading_shape),
             latent_indices=None if latents.latent_indices is None
             else _unflatten(latents.latent_indices, leading_shape),
-            fvu=fvu, aux_loss=aux_loss, pre_act_std=pre_act_std, loss=loss,
+            pre_act_std=pre_act_std, **scores,
         )
+
+    def _targets(self, inputs: torch.Tensor, target: torch.Tensor | None,
+                 leading_shape: torch.Size) -> torch.Tensor | None:
+        """Scaled `[B, d_out]` targets: `target`'s, the inputs of an autoencoder without one, or
+        None for a transcoder without one (it only predicts)."""
+        if target is None:
+            return None if self.config.transcoder else inputs
+        targets = self._prepare(target, "target", self.config.d_out, self.output_scale)
+        if target.shape[:-1] != leading_shape:
+            raise ValueError(f"target {tuple(target.shape)} must have the leading shape of x "
+                             f"{(*leading_shape, self.config.d_in)}: one target row per input row")
+        return targets
+
+    def _scores(self, results: list[_StageResult], reconstruction: torch.Tensor,
+                skip: torch.Tensor | float, targets: torch.Tensor,
+                dead_mask: torch.Tensor | None, penalties: torch.Tensor) -> dict[str, Any]:
+        """`fvu`, `matryoshka_fvu`, `aux_loss` and `loss` (with the target-free `penalties`
+        added) of a batch whose targets are known."""
+        error = reconstruction - targets
+        fvu = _fraction_unexplained(error.float().pow(2).sum(), targets, undefined=math.nan)
+        matryoshka_fvu = self._matryoshka_fvu(results, skip, targets, fvu)
+        aux_loss = self._auxk_loss(results, error.detach(), dead_mask)
+        reconstruction_loss = fvu if matryoshka_fvu is None else matryoshka_loss(matryoshka_fvu,
+                                                                                 self.config)
+        loss = reconstruction_loss + self.config.auxk_coefficient * aux_loss + penalties
+        return {"fvu": fvu, "matryoshka_fvu": matryoshka_fvu, "aux_loss": aux_loss, "loss": loss}
+
+    def _matryoshka_fvu(self, results: list[_StageResult], skip: torch.Tensor | float,
+                        targets: torch.Tensor, fvu: torch.Tensor) -> torch.Tensor | None:
+        """`[n_prefixes]` FVU of each Matryoshka prefix (the last, the full width, is `fvu`);
+        None for an ordinary SAE."""
+        prefixes = self.config.matryoshka_prefixes
+        if prefixes is None:
+            return None
+        smaller = [prefix for prefix in prefixes if prefix < self.config.n_total_latents]
+        nested = prefix_reconstructions(self.stages, results, smaller, self.config.n_latents)
+        return torch.stack([
+            _fraction_unexplained((prefix + skip - targets).float().pow(2).sum(), targets,
+                                  undefined=math.nan) for prefix in nested] + [fvu])
 
     def _skip(self, inputs: torch.Tensor) -> torch.Tensor | float:
         """`W_skip x` of a skip transcoder on scaled `[B, d_in]` inputs; 0 without one."""
@@ -477,19 +540,37 @@ class DeepSAEModel(DeepSAEPreTrainedModel):
                 penalty = penalty + self.config.l0_coefficient * stage.sparsity.l0(result.pre_acts)
         return penalty
 
-    def encode(self, x: torch.Tensor) -> SparseLatents:
-        """Sparse latents of `x` (`[..., d_in]`); global ids across stacked stages."""
+    def encode(self, x: torch.Tensor, prefix: int | None = None) -> SparseLatents:
+        """Sparse latents of `x` (`[..., d_in]`); global ids across stacked stages.
+
+        Args:
+            prefix: keep only the latents of global id < `prefix` (a Matryoshka prefix, see
+                `config.matryoshka_prefixes`). The SAE chooses its latents as always (top-k over
+                all latents) and those outside the prefix get the value 0, shapes unchanged, so
+                `decode` of the result is the prefix's reconstruction the Matryoshka loss trains.
+        """
         inputs = self._prepare(x, "x", self.config.d_in, self.input_scale)
+        if prefix is not None:
+            self._check_prefix(prefix)
         latents = self._gather_latents(self._run_stages(inputs))
+        acts = latents.latent_acts if prefix is None else truncate_latents(
+            latents.latent_acts, latents.latent_indices, prefix)
         return SparseLatents(
-            _unflatten(latents.latent_acts, x.shape[:-1]),
+            _unflatten(acts, x.shape[:-1]),
             None if latents.latent_indices is None
             else _unflatten(latents.latent_indices, x.shape[:-1]),
         )
 
-    def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents of `x` as a dense `[..., n_total_latents]` tensor."""
-        return self.densify(*self.encode(x))
+    def encode_dense(self, x: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
+        """Latents of `x` as a dense `[..., n_total_latents]` tensor (zero from `prefix` on, if
+        given; see `encode`)."""
+        return self.densify(*self.encode(x, prefix=prefix))
+
+    def _check_prefix(self, prefix: Any) -> None:
+        total = self.config.n_total_latents
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or not 1 <= prefix <= total:
+            raise ValueError(f"prefix={prefix!r} must be a number of latents in [1, {total}] (this "
+                             f"SAE's Matryoshka prefixes: {self.config.matryoshka_prefixes})")
 
     def densify(self, latent_acts: torch.Tensor,
                 latent_indices: torch.Tensor | None) -> torch.Tensor:

@@ -43,6 +43,8 @@ ARCHITECTURES = {
     "stacked": {"n_stacked": 2},
     "skip-transcoder": {"transcoder": True, "skip_connection": True, "d_out": 12,
                         "encoder_hidden": [8]},
+    "matryoshka": {"n_stacked": 2, "decoder_hidden": [24],  # prefixes cross shards and stages
+                   "matryoshka_prefixes": [10, 150, 260]},
 }
 READ, WRITE = Site("mlp", "input"), Site("mlp", "output")
 

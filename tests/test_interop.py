@@ -173,6 +173,20 @@ def test_sparsify_export_round_trips(tmp_path, name):
                                reconstruct(sae, activations()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("export", [to_sparsify, to_saelens])
+def test_a_matryoshka_sae_exports_with_its_latents_in_order(tmp_path, export):
+    """The formats hold no prefixes, but the weights' order is the prefixes' order."""
+    sae = random_sae("topk", matryoshka_prefixes=[4, 16])
+    load = from_sparsify if export is to_sparsify else from_saelens
+    loaded = load(export(sae, tmp_path / "exported"))
+    torch.testing.assert_close(loaded.W_dec, sae.W_dec, rtol=1e-6, atol=1e-6)
+    x = activations()
+    for prefix in sae.config.matryoshka_prefixes:
+        torch.testing.assert_close(loaded.decode(*loaded.encode(x, prefix=prefix)),
+                                   sae.decode(*sae.encode(x, prefix=prefix)),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_sparsify_repo_loads_a_hookpoint_from_the_hub(hub, tmp_path):
     for layer in (0, 1):
         write_sparsify(tmp_path / "repo" / f"layers.{layer}.mlp", random_linear_weights())

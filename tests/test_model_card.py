@@ -27,6 +27,16 @@ def trained_sae(**record) -> DeepSAEModel:
                  "train_tokens": 4096, "n_tokens": 1024}))
 
 
+def test_matryoshka_prefixes_are_named_in_text_table_and_tags():
+    sae = DeepSAEModel(DeepSAEConfig(d_in=8, n_latents=32, k=4, matryoshka_prefixes=[4, 16]))
+    card = str(sae_card(sae, repo_id="user/matryoshka-sae"))
+    assert "Matryoshka training (Bussmann et al. 2025): the first 4, 16, 32 latents" in card
+    assert "equal weights" in card and "`encode(x, prefix=…)`" in card
+    assert "| Matryoshka prefixes | 4, 16, 32 |" in card
+    assert "- matryoshka" in card.split("---")[1]
+    assert "atryoshka" not in str(trained_sae())
+
+
 def test_the_default_corpus_is_named_in_text_table_and_metadata():
     card = sae_card(trained_sae(), repo_id="user/sae")
     assert f"4,096 tokens of {DEFAULT_CORPUS_WORDS}" in card.text

@@ -27,6 +27,8 @@ ARCHITECTURES = {
     "stacked": {"n_stacked": 3},
     "transcoder": {"transcoder": True, "d_out": 24},
     "normalized": {"normalize_input": True},
+    "matryoshka": {"sparsity": "batchtopk", "decoder_hidden": [48],
+                   "matryoshka_prefixes": [16, 64]},
 }
 TOPK_ARCHITECTURES = ["topk", "mlp-encoder", "deep", "stacked", "transcoder", "normalized"]
 
@@ -380,9 +382,21 @@ def test_nan_check_can_be_switched_off():
     assert torch.isnan(sae(torch.full((4, D_IN), float("nan"))).reconstruction).any()
 
 
-def test_transcoder_requires_a_target():
-    with pytest.raises(ValueError, match="needs target="):
-        make_sae("transcoder")(torch.randn(4, D_IN))
+@pytest.mark.parametrize("overrides", [{}, {"skip_connection": True},
+                                       {"matryoshka_prefixes": [16]}, {"sparsity": "batchtopk"}])
+def test_a_transcoder_without_a_target_predicts_and_leaves_the_scores_none(overrides):
+    sae = make_sae("transcoder", **overrides).eval()
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    inputs = inputs_for(sae, 2, 5)
+    scored, predicted = sae(**inputs), sae(inputs["x"])
+    assert torch.equal(predicted.reconstruction, scored.reconstruction)
+    assert torch.equal(predicted.latent_acts, scored.latent_acts)
+    assert torch.equal(predicted.pre_act_std, scored.pre_act_std)
+    assert scored.loss is not None
+    for field in ("fvu", "matryoshka_fvu", "aux_loss", "loss"):
+        assert getattr(predicted, field) is None, field
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
@@ -393,7 +407,7 @@ def test_save_and_automodel_round_trip(name, tmp_path):
     sae.eval()
     sae.save_pretrained(tmp_path)
     assert {"config.json", "model.safetensors", "modeling_deepsae.py", "configuration_deepsae.py",
-            "sparsity.py"} <= set(os.listdir(tmp_path))
+            "sparsity.py", "matryoshka.py"} <= set(os.listdir(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == (
         "modeling_deepsae.DeepSAEModel")
     loaded = AutoModel.from_pretrained(tmp_path)

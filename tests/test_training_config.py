@@ -52,6 +52,16 @@ def test_an_empty_hidden_flag_means_a_linear_encoder():
     assert sae.encoder_hidden == [] and sae.decoder_hidden == []
 
 
+def test_matryoshka_flags_take_lists_of_numbers_and_default_to_none():
+    _, sae = parse_args(["--matryoshka_prefixes", "512", "2048",
+                         "--matryoshka_weights", "1", "2", "0.5"])
+    assert sae.matryoshka_prefixes == [512, 2048] and sae.matryoshka_weights == [1.0, 2.0, 0.5]
+    assert all(isinstance(prefix, int) for prefix in sae.matryoshka_prefixes)
+    _, sae = parse_args([])
+    assert sae.matryoshka_prefixes is None and sae.matryoshka_weights is None
+    assert "--matryoshka_prefixes" in help_sections()[SAE_HELP_GROUP]
+
+
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_a_config_file_sets_defaults_that_flags_override(tmp_path, suffix):
     path = tmp_path / f"run{suffix}"

@@ -68,6 +68,16 @@ def test_training_lowers_fvu_and_saves_a_self_describing_sae(tiny_lm, tmp_path):
     assert (tmp_path / HOOKPOINT / "README.md").is_file()
 
 
+def test_a_matryoshka_run_logs_each_prefix_fvu(tiny_lm, tmp_path):
+    config = tiny_config(tiny_lm, tmp_path, log_with="tensorboard", logging_steps=4)
+    saes = train(config, TINY_SAE | {"matryoshka_prefixes": [8, 32]})
+    assert saes[HOOKPOINT].config.matryoshka_prefixes == [8, 32, 64]  # 2 × d_in = 64 latents
+    prefix_fvus = [tensorboard_scalars(tmp_path, f"layer_1/matryoshka_fvu_{prefix}")
+                   for prefix in (8, 32, 64)]
+    assert all(len(values) == 3 for values in prefix_fvus)
+    assert prefix_fvus[-1] == pytest.approx(tensorboard_scalars(tmp_path, "layer_1/fvu"))
+
+
 def test_push_to_hub_uploads_every_hookpoint_with_its_card(tiny_lm, tmp_path, hub):
     train(tiny_config(tiny_lm, tmp_path, layers=[0, 1], push_to_hub=True,
                       hub_model_id="tiny-deepsae"), TINY_SAE)

@@ -119,6 +119,13 @@ def _build_runs(configs: list[DeepSAEConfig], targets: list[Target], stream: Act
 
 
 METRICS = ("loss", "fvu", "l0", "aux_loss", "pre_act_std")
+RUN_STATE = ("dead_fraction", "lr")
+
+
+def metric_names(config: DeepSAEConfig) -> tuple[str, ...]:
+    """What `_train_step` measures of an SAE: `METRICS`, then each Matryoshka prefix's FVU."""
+    return METRICS + tuple(f"matryoshka_fvu_{prefix}"
+                           for prefix in config.matryoshka_prefixes or ())
 
 
 def _train_step(run: SAERun, batches: list[dict[str, torch.Tensor]], config: TrainingConfig,
@@ -126,8 +133,8 @@ def _train_step(run: SAERun, batches: list[dict[str, torch.Tensor]], config: Tra
                 ) -> torch.Tensor:
     """Forward/backward the batches (their losses averaged: one process's in DDP, every
     process's in the distributed modes); on the last micro-batch, the optimizer step. Returns
-    the metrics, averaged over the batches."""
-    metrics, fired = torch.zeros(len(METRICS)), torch.zeros((), dtype=torch.int32)
+    the metrics (`metric_names`), averaged over the batches."""
+    measured, fired = [], torch.zeros((), dtype=torch.int32)
     for batch in batches:
         inputs, target = run.inputs(batch)
         with accelerator.autocast():
@@ -136,31 +143,34 @@ def _train_step(run: SAERun, batches: list[dict[str, torch.Tensor]], config: Tra
         accelerator.backward(out.loss / len(batches))
         fired = fired + run.dead.fired(out.latent_acts, out.latent_indices)
         l0 = (out.latent_acts != 0).sum(-1).float().mean()
-        metrics = metrics.to(l0.device) + torch.stack(
-            [out.loss, out.fvu, l0, out.aux_loss, out.pre_act_std]).detach().float() / len(batches)
+        prefix_fvus = l0.new_zeros(0) if out.matryoshka_fvu is None else out.matryoshka_fvu
+        measured.append(torch.cat([torch.stack([out.loss, out.fvu, l0, out.aux_loss,
+                                                out.pre_act_std]), prefix_fvus]).detach().float())
     run.dead.advance(parallelism.reduce_fired(fired),
                      n_tokens=config.batch_size * accelerator.num_processes)
     if accelerator.sync_gradients:
         update_sae(accelerator.unwrap_model(run.sae), run.optimizers, run.schedulers,
                    config.max_grad_norm, parallelism.clip_grad_norm(run.sae))
-    return metrics
+    return torch.stack(measured).mean(0)
 
 
-LOGGED = (*METRICS, "dead_fraction", "lr")
-
-
-def _log(runs: list[SAERun], targets: list[Target], sums: dict[str, torch.Tensor],
-         window_steps: int, step: int, stream: ActivationStream, accelerator: Accelerator,
-         parallelism: SAEParallelism) -> dict[str, float]:
-    """Average the window's metrics over steps and processes; log them; stop on a NaN loss."""
-    local = torch.zeros(len(targets), len(LOGGED), device=accelerator.device)
+def _log(runs: list[SAERun], targets: list[Target], names: list[tuple[str, ...]],
+         sums: dict[str, torch.Tensor], window_steps: int, step: int, stream: ActivationStream,
+         accelerator: Accelerator, parallelism: SAEParallelism) -> dict[str, float]:
+    """Average the window's metrics (`names[i]` those of target i) over steps and processes, with
+    each run's `RUN_STATE`; log them; stop on a NaN loss."""
+    local = torch.zeros(len(targets), max(map(len, names)) + len(RUN_STATE),
+                        device=accelerator.device)
     for run in runs:
-        local[run.index] = torch.cat([sums[run.name].to(local.device) / window_steps, torch.tensor(
-            [run.dead.dead_fraction(), run.schedulers[0].get_last_lr()[0]], device=local.device)])
+        measured = sums[run.name].to(local.device) / window_steps
+        local[run.index, :len(measured)] = measured
+        local[run.index, -len(RUN_STATE):] = torch.tensor(
+            [run.dead.dead_fraction(), run.schedulers[0].get_last_lr()[0]], device=local.device)
     logs: dict[str, float] = {}
-    for target, values in zip(targets, accelerator.reduce(
+    for target, target_names, values in zip(targets, names, accelerator.reduce(
             local, parallelism.metrics_reduction).tolist(), strict=True):
-        means = dict(zip(LOGGED, values, strict=True))
+        means = dict(zip(target_names, values[:len(target_names)], strict=True)) | dict(
+            zip(RUN_STATE, values[-len(RUN_STATE):], strict=True))
         if not all(math.isfinite(means[name]) for name in METRICS):
             shown = ", ".join(f"{name} {means[name]:.4g}" for name in METRICS)
             raise NonFiniteStateError(step, [f"{target.hookpoint}: the loss ({shown})"])
@@ -293,24 +303,27 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
         accelerator.print(f"Resumed from {checkpoint} at step {position.step}/{num_steps}")
     accelerator.init_trackers("logs", config=_tracker_config(config, sae_kwargs))
     try:
-        _training_loop(states, targets, stream, pending, config, accelerator, position)
+        _training_loop(states, targets, [metric_names(sae_config) for sae_config in configs],
+                       stream, pending, config, accelerator, position)
     except NonFiniteStateError as error:
         raise RuntimeError(position.diverged_message(error)) from None
     return finish_run(runs, targets, parallelism, model, eval_chunks, stream, config, num_steps,
                       accelerator, output_dir, choices)
 
 
-def _training_loop(states: TrainingStates, targets: list[Target], stream: ActivationStream,
-                   pending: list[dict[str, torch.Tensor]] | None, config: TrainingConfig,
-                   accelerator: Accelerator, position: RunPosition) -> None:
-    """Step until `num_steps`, logging and checkpointing (by steps, by time, on a signal)."""
+def _training_loop(states: TrainingStates, targets: list[Target], names: list[tuple[str, ...]],
+                   stream: ActivationStream, pending: list[dict[str, torch.Tensor]] | None,
+                   config: TrainingConfig, accelerator: Accelerator, position: RunPosition
+                   ) -> None:
+    """Step until `num_steps`, logging and checkpointing (by steps, by time, on a signal);
+    `names[i]` are the metrics of target i's SAE (`metric_names`)."""
     runs, parallelism = states.local, states.parallelism
     num_steps, step = position.num_steps, position.step
     tokens_per_step = config.batch_size * config.gradient_accumulation_steps * \
         accelerator.num_processes
     progress = tqdm(total=num_steps, initial=step, desc="Training SAE", unit="step",
                     disable=not accelerator.is_main_process)
-    sums: dict[str, torch.Tensor] = {run.name: torch.zeros(len(METRICS)) for run in runs}
+    sums = {run.name: torch.zeros(len(names[run.index])) for run in runs}
     window_steps, window_start = 0, time.perf_counter()
     last_save = time.monotonic()
     with StopRequests() as stop:
@@ -332,8 +345,8 @@ def _training_loop(states: TrainingStates, targets: list[Target], stream: Activa
             window_steps += 1
             progress.update(1)
             if step % config.logging_steps == 0 or step == num_steps:
-                logs = _log(runs, targets, sums, window_steps, step, stream, accelerator,
-                            parallelism)
+                logs = _log(runs, targets, names, sums, window_steps, step, stream,
+                            accelerator, parallelism)
                 position.last_finite_step = step
                 speed = window_steps * tokens_per_step / (time.perf_counter() - window_start)
                 first = targets[0].log_prefix
