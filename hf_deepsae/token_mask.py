@@ -102,6 +102,10 @@ class TokenMask:
         return lambda input_ids: self.keep(input_ids, masked_token_ids).reshape(-1)
 
 
+DEFAULT_TOKEN_MASK = TokenMask()
+"""What training and evaluation leave out unless told otherwise: padding, BOS, position 0."""
+
+
 def token_mask_from(values: Any) -> TokenMask:
     """A `TokenMask` from anything holding its fields (a `TrainingConfig`, a training record
     dict); missing fields keep their defaults (SAEs trained before masking existed)."""
