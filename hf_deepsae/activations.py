@@ -467,9 +467,9 @@ class ActivationStream:
             if rows_read >= self.MAX_NONFINITE_BUFFERS * self.buffer_size:
                 raise ValueError(
                     f"{rows_read - rows - masked:,} of the last {rows_read:,} activation rows were "
-                    f"NaN/inf and {masked:,} left out by the token mask; the model is broken at "
-                    "this dtype (try --lm_dtype float32), its weights hold NaN/inf, or the mask "
-                    "leaves out nearly every token")
+                    "NaN/inf; the model is broken at this dtype (try --lm_dtype float32) or its "
+                    "weights hold NaN/inf" + (f" (the token mask left out {masked:,} more)"
+                                              if masked else ""))
             block = dict(self.source.next_block())
             keep = block.pop(KEEP_ROWS, None)
             if keep is not None:

@@ -8,6 +8,7 @@ from test_training_e2e import HOOKPOINT, TINY_SAE, tiny_config
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
 from hf_deepsae.training import parse_args, train
+from hf_deepsae.training import trainer as trainer_module
 from hf_deepsae.training.k_schedule import KSchedule, active_k
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -63,7 +64,8 @@ def test_every_top_k_sae_trains_with_the_annealed_k_and_keeps_its_own(tiny_lm, t
     saes = train(tiny_config(tiny_lm, tmp_path, k_anneal_steps=6, k_anneal_start=16), sae)
     assert seen == [16, 14, 12, 10, 8, 6, 4, 4, 4, 4, 4, 4]
     trained = saes[HOOKPOINT]
-    assert trained.config.k == 4 and trained.config.training_config["k_anneal_steps"] == 6
+    record = trained.config.training_config
+    assert trained.config.k == 4 and (record["k_anneal_steps"], record["k_anneal_start"]) == (6, 16)
     if trained.config.sparsity == "topk":  # after training, the SAE selects its own k again
         latents = trained.encode(torch.randn(3, 32))
         assert latents.latent_indices.shape[-1] == 4 * trained.config.n_stacked
@@ -77,6 +79,12 @@ def test_the_l0_logged_follows_the_schedule(tiny_lm, tmp_path):
     schedule = KSchedule(start_k=16, k=4, anneal_steps=8)
     windows = [[schedule.at(step) for step in range(start, start + 4)] for start in (0, 4, 8)]
     assert tensorboard_scalars(tmp_path, "layer_1/l0") == [sum(ks) / 4 for ks in windows]
+
+
+def test_a_start_beyond_the_latents_fails_before_reading_data(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "activation_source", None)  # reached: a TypeError
+    with pytest.raises(ValueError, match="k_anneal_start=100 must lie between"):
+        train(tiny_config(tiny_lm, tmp_path, k_anneal_steps=4, k_anneal_start=100), TINY_SAE)
 
 
 def test_annealing_an_sae_without_k_fails_before_training(tiny_lm, tmp_path):

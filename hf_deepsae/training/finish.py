@@ -103,6 +103,8 @@ def _record(sae: DeepSAEModel, result: ActivationMetricsResult, dead_fraction: f
         **config.record(), **({"model_weights": weights} if weights else {}),
         "lr": config.resolved_lr(sae.config.n_latents),
         "dead_threshold_tokens": config.resolved_dead_threshold_tokens(),
+        "k_anneal_start": config.resolved_k_anneal_start(sae.config.k, sae.config.n_latents)
+        if config.k_anneal_steps else None,
         "precision": precision,
         "num_processes": accelerator.num_processes, "num_steps": num_steps}
     sae.config.metrics = {

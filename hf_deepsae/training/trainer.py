@@ -8,9 +8,11 @@ says where SAEs live otherwise (`--distribute_hookpoints`, `--shard_latents`) an
 processes; `failures.py` makes processes fail together instead of hanging.
 
 NaN policy: activation rows holding NaN/inf are dropped before training and counted
-(`nonfinite_rows` in the logs and the saved metrics); a non-finite loss (checked at log steps) or
-training state (checked before every checkpoint) stops the run with the offending steps, the last
-finite checkpoint and the command that resumes it with a lower learning rate.
+(`nonfinite_rows` in the logs and the saved metrics), as are the positions the token mask leaves
+out (`masked_rows`; BOS and each chunk's first position by default, see `token_mask`); a
+non-finite loss (checked at log steps) or training state (checked before every checkpoint) stops
+the run with the offending steps, the last finite checkpoint and the command that resumes it with
+a lower learning rate.
 
 Checkpoints (`checkpointing`) hold only safetensors and JSON, the same files in every mode, are
 written atomically every `checkpointing_steps`, every `checkpointing_minutes` and on
@@ -268,6 +270,8 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
     configs = sae_configs(model, tokenizer, targets, sae_kwargs)
     if initial is not None:
         check_initial_site(initial, config.init_from, targets, configs[0], model)
+    k_schedules = {target.hookpoint: KSchedule.of(config, sae_config)
+                   for target, sae_config in zip(targets, configs, strict=True)}
     parallelism = SAEParallelism(
         accelerator, shard_latents=config.shard_latents,
         distribute_hookpoints=config.distribute_hookpoints,
@@ -305,18 +309,20 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
         accelerator.print(f"Resumed from {checkpoint} at step {position.step}/{num_steps}")
     accelerator.init_trackers("logs", config=_tracker_config(config, sae_kwargs))
     try:
-        _training_loop(states, targets, stream, pending, config, accelerator, position)
+        _training_loop(states, targets, stream, pending, config, accelerator, position,
+                       k_schedules)
     except NonFiniteStateError as error:
         raise RuntimeError(position.diverged_message(error)) from None
     return finish_run(runs, targets, parallelism, model, tokenizer, eval_chunks, stream, config,
-                      num_steps,
-                      accelerator, output_dir, choices)
+                      num_steps, accelerator, output_dir, choices)
 
 
 def _training_loop(states: TrainingStates, targets: list[Target], stream: ActivationStream,
                    pending: list[dict[str, torch.Tensor]] | None, config: TrainingConfig,
-                   accelerator: Accelerator, position: RunPosition) -> None:
-    """Step until `num_steps`, logging and checkpointing (by steps, by time, on a signal)."""
+                   accelerator: Accelerator, position: RunPosition,
+                   k_schedules: dict[str, KSchedule]) -> None:
+    """Step until `num_steps`, logging and checkpointing (by steps, by time, on a signal); each
+    SAE selects the k its schedule gives the step."""
     runs, parallelism = states.local, states.parallelism
     num_steps, step = position.num_steps, position.step
     tokens_per_step = config.batch_size * config.gradient_accumulation_steps * \
@@ -325,8 +331,6 @@ def _training_loop(states: TrainingStates, targets: list[Target], stream: Activa
                     disable=not accelerator.is_main_process)
     sums: dict[str, torch.Tensor] = {run.name: torch.zeros(len(METRICS)) for run in runs}
     run_configs = {run.name: accelerator.unwrap_model(run.sae).config for run in runs}
-    k_schedules = {name: KSchedule.of(config, sae_config)
-                   for name, sae_config in run_configs.items()}
     window_steps, window_start = 0, time.perf_counter()
     last_save = time.monotonic()
     with StopRequests() as stop:
