@@ -1,11 +1,11 @@
 """Which token positions an SAE trains and is evaluated on: `TokenMask` and its keep-mask.
 
 A few positions have activations unlike any other: the first position of a sequence, where
-language models park spare attention (the "attention sink"; Xiao et al. 2023) and whose
-activations are often orders of magnitude larger than the rest, and padding, which is no text at
-all. An SAE that trains on them spends latents (and much of its loss) on a handful of outliers,
-and its FVU is dominated by them; so by default they are left out of training, of the activation
-cache and of the held-out metrics, as SAELens and sparsify do.
+language models park spare attention (the "attention sink", Xiao et al. 2023) and whose
+activations are often far larger than the rest (the "massive activations" of Sun et al. 2024),
+and padding, which is no text at all. An SAE that trains on them spends latents and loss on a
+handful of outliers, and they can dominate its FVU; so by default they are left out of training,
+of the activation cache and of the held-out metrics.
 
 What counts as "BOS" (`mask_bos`): the first real position of every sequence, whatever its token,
 plus every token equal to the tokenizer's `bos_token_id`. The training data packs documents

@@ -162,8 +162,8 @@ class TrainingConfig:
                     "and no elsewhere (hf_deepsae.precision decides)."})
     k_anneal_steps: int = dataclasses.field(default=0, metadata={
         "help": "Anneal the number of active latents linearly from --k_anneal_start down to the "
-                "SAE's k over the first N optimizer steps (topk/batchtopk only): many latents "
-                "learn early, fewer die; 0: off."})
+                "SAE's k over the first N optimizer steps (topk/batchtopk only), so more latents "
+                "get gradient before the code turns sparse; 0: off."})
     k_anneal_start: int | None = dataclasses.field(default=None, metadata={
         "help": "The k the anneal starts from. Default: 4·k, at most n_latents."})
     init_from: str | None = dataclasses.field(default=None, metadata={
@@ -273,8 +273,8 @@ class TrainingConfig:
 
     def resolved_k_anneal_start(self, k: int, n_latents: int) -> int:
         """The k an annealed run starts from: `k_anneal_start`, else 4·k capped at n_latents
-        (enough latents fire early that few die, while the first steps still train a sparse
-        code)."""
+        (four times as many latents get gradient at first, while the first steps still train a
+        sparse code; a heuristic, not a measured optimum)."""
         start = min(4 * k, n_latents) if self.k_anneal_start is None else self.k_anneal_start
         if not k <= start <= n_latents:
             raise ValueError(f"k_anneal_start={start} must lie between the SAE's k={k} and its "

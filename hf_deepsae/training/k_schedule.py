@@ -1,8 +1,9 @@
 """The k schedule: more active latents early in training, annealed down to the SAE's own k.
 
-Starting a top-k SAE with a larger k lets many latents receive gradient before the code becomes
-sparse, so fewer of them die (the same idea as AuxK, applied to every latent at once); the k
-falls linearly to the target over the first `k_anneal_steps` optimizer steps and stays there.
+Starting a top-k SAE with a larger k lets many more latents receive gradient before the code
+becomes sparse (the aim AuxK pursues for dead latents, here for every latent from the start; its
+effect on dead latents and FVU is not measured in this repository yet); the k falls linearly to
+the target over the first `k_anneal_steps` optimizer steps and stays there.
 The k at a step depends on the step alone, so a resumed run continues the schedule exactly.
 """
 
