@@ -72,7 +72,7 @@ from hf_deepsae.evaluation import (
 from hf_deepsae.evaluation.autointerp import AutoInterpConfig
 from hf_deepsae.hub import load_saes, sae_subfolders, save_sae, save_saes
 from hf_deepsae.interpret.judges import JudgeConfig
-from hf_deepsae.token_mask import token_mask_from
+from hf_deepsae.token_mask import TokenMask
 from hf_deepsae.training import TrainingConfig
 
 CONFIG_FLAGS = {"absorption": AbsorptionConfig, "sparse_probing": SparseProbingConfig,
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> SAEEvaluationResult | None:
             language_model_metrics=not args.no_language_model,
             jointly=args.jointly,
             allow_base_model_mismatch=args.allow_base_model_mismatch,
-            token_mask=token_mask_from(settings),
+            token_mask=TokenMask.from_fields(settings),
             tokenizer=tokenizer,
         )
         chunks = evaluation_chunks(settings, tokenizer, accelerator)

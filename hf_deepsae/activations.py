@@ -473,9 +473,9 @@ class ActivationStream:
             block = dict(self.source.next_block())
             keep = block.pop(KEEP_ROWS, None)
             if keep is not None:
-                masked += int((~keep).sum())
-                self.masked_rows += int((~keep).sum())
-                rows_read += int((~keep).sum())
+                left_out = int((~keep).sum())
+                masked, rows_read = masked + left_out, rows_read + left_out
+                self.masked_rows += left_out
                 block = {site: x[keep.to(x.device)] for site, x in block.items()}
             finite = torch.stack([torch.isfinite(x).all(-1) for x in block.values()]).all(0)
             self.nonfinite_rows += int((~finite).sum())

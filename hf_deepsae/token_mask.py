@@ -21,7 +21,7 @@ first N positions, for models with several sink positions.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,12 @@ class TokenMask:
     mask_special_tokens: bool = False
     mask_positions_below: int = 0
 
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any]) -> TokenMask:
+        """The mask of a mapping holding these fields among others (resolved evaluation
+        settings, `TrainingConfig.record()`)."""
+        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls)})
+
     def __post_init__(self) -> None:
         if isinstance(self.mask_positions_below, bool) or not isinstance(
                 self.mask_positions_below, int) or self.mask_positions_below < 0:
@@ -62,7 +68,7 @@ class TokenMask:
             left_out.append("each sequence's first position and BOS tokens")
         if self.mask_special_tokens:
             left_out.append("special tokens")
-        if self.mask_positions_below > 1:
+        if self.mask_positions_below > int(self.mask_bos):
             left_out.append(f"positions below {self.mask_positions_below}")
         return f"Token mask: {', '.join(left_out)} are left out of training and evaluation"
 
@@ -104,13 +110,3 @@ class TokenMask:
 
 DEFAULT_TOKEN_MASK = TokenMask()
 """What training and evaluation leave out unless told otherwise: padding, BOS, position 0."""
-
-
-def token_mask_from(values: Any) -> TokenMask:
-    """A `TokenMask` from anything holding its fields (a `TrainingConfig`, a training record
-    dict); missing fields keep their defaults (SAEs trained before masking existed)."""
-    get = values.get if isinstance(values, dict) else lambda name, default: getattr(
-        values, name, default)
-    defaults = TokenMask()
-    return TokenMask(**{field.name: get(field.name, getattr(defaults, field.name))
-                        for field in dataclasses.fields(TokenMask)})

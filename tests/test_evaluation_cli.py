@@ -103,6 +103,15 @@ def test_save_to_sae_records_metrics_in_config_and_card(cli, workspace):
     assert "FVU" in (folder / "README.md").read_text()
 
 
+@pytest.mark.parametrize(("flags", "n_tokens"), [
+    ((), 28), (("--mask_bos", "false"), 32), (("--mask_positions_below", "3"), 20)],
+    ids=["as-trained", "unmasked", "positions-below-3"])
+def test_the_token_mask_leaves_positions_out_of_the_activation_metrics(cli, workspace, flags,
+                                                                       n_tokens):
+    result = run(cli, workspace, "--no_language_model", *flags)
+    assert {values.n_tokens for values in result.activations.values()} == {n_tokens}
+
+
 def test_too_few_tokens_is_a_clear_error(cli, workspace):
     with pytest.raises(ValueError, match="fewer than --n_tokens 10,000"):
         run(cli, workspace, "--n_tokens", "10000")
