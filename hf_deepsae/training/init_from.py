@@ -2,9 +2,11 @@
 
 The run adopts the checkpoint's architecture, so its flags need not repeat it; a flag the user
 set to another value than the checkpoint's is an error listing each difference (silently
-training another shape than asked, or silently ignoring the flag, would both surprise). Loss
-weights and every training setting still come from the run. The SAE must read the run's site
-with the run's width. Its weights (input scale and `b_dec` included: no data-based
+training another shape than asked, or silently ignoring the flag, would both surprise). A flag
+at the recipe's default can't be told from an unset one, so it quietly takes the checkpoint's
+value. Loss weights and every training setting still come from the run; a resumed fine-tune
+reads `--init_from` again for the architecture, so it must still exist. The SAE must read the
+run's site with the run's width. Its weights (input scale and `b_dec` included: no data-based
 initialisation) start the run; the optimizer, schedules and dead-latent counts start fresh.
 """
 
