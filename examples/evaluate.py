@@ -72,6 +72,7 @@ from hf_deepsae.evaluation import (
 from hf_deepsae.evaluation.autointerp import AutoInterpConfig
 from hf_deepsae.hub import load_saes, sae_subfolders, save_sae, save_saes
 from hf_deepsae.interpret.judges import JudgeConfig
+from hf_deepsae.token_mask import TokenMask
 from hf_deepsae.training import TrainingConfig
 
 CONFIG_FLAGS = {"absorption": AbsorptionConfig, "sparse_probing": SparseProbingConfig,
@@ -88,6 +89,9 @@ DATA_FIELDS = (
     "context_length",
     "lm_batch_size",
     "lm_dtype",
+    "mask_bos",
+    "mask_special_tokens",
+    "mask_positions_below",
 )
 """Fields shared with `TrainingConfig`: unset here, they take the SAE's training values."""
 
@@ -117,10 +121,17 @@ class EvaluationArguments:
     context_length: int | None = _as_trained("Tokens per packed chunk.")
     lm_batch_size: int | None = _as_trained("Chunks per forward pass.")
     lm_dtype: str | None = _as_trained("dtype of the language model.")
+    mask_bos: bool | None = _as_trained(
+        "Leave each chunk's first position and BOS tokens out of the activation metrics.")
+    mask_special_tokens: bool | None = _as_trained(
+        "Leave every special token out of the activation metrics.")
+    mask_positions_below: int | None = _as_trained(
+        "Leave the first N positions of each chunk out of the activation metrics.")
     n_tokens: int | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "Tokens to evaluate on (whole chunks). Default: the training run's eval_tokens."
+            "help": "Tokens to read (whole chunks; the activation metrics leave out those the "
+            "token mask does). Default: the training run's eval_tokens."
         },
     )
     jointly: bool = dataclasses.field(
@@ -389,6 +400,8 @@ def main(argv: list[str] | None = None) -> SAEEvaluationResult | None:
             language_model_metrics=not args.no_language_model,
             jointly=args.jointly,
             allow_base_model_mismatch=args.allow_base_model_mismatch,
+            token_mask=TokenMask.from_fields(settings),
+            tokenizer=tokenizer,
         )
         chunks = evaluation_chunks(settings, tokenizer, accelerator)
         progress = tqdm(
@@ -404,10 +417,12 @@ def main(argv: list[str] | None = None) -> SAEEvaluationResult | None:
             evaluator.update(input_ids)
             progress.update(input_ids.numel() * accelerator.num_processes)
         progress.close()
-        metrics, *others = gather_object([evaluator.metrics])
-        for other in others:
+        (metrics, masked_tokens), *others = gather_object(
+            [(evaluator.metrics, evaluator.masked_tokens)])
+        for other, masked in others:
             metrics.merge(other)
-        result = metrics.compute(min_tokens=settings["n_tokens"])
+            masked_tokens += masked
+        result = metrics.compute(min_tokens=settings["n_tokens"] - masked_tokens)
     if accelerator.is_main_process:
         benchmark_results = (run_benchmarks(args, configs, judge, settings, model, tokenizer, saes)
                              if set(args.benchmarks) & set(BENCHMARKS) else {})

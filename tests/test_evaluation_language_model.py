@@ -108,7 +108,7 @@ def test_exact_sae_scores_one_and_loses_nothing():
     assert scalars["fvu"] == 0.0
     assert scalars["ce_loss_score"] == pytest.approx(1.0)
     assert scalars["kl_spliced"] == pytest.approx(0.0, abs=1e-9)
-    assert scalars["n_tokens"] == 32
+    assert scalars["n_tokens"] == 28  # 4 sequences of 8, each first position left out
     assert scalars["n_predicted_tokens"] == 28
 
 
@@ -140,7 +140,7 @@ def test_padding_is_left_out_of_every_metric():
     )
     split = evaluate_saes(model, saes, [input_ids[:1], input_ids[1:, :5]])
     padded, split = padded.scalars()["random_0"], split.scalars()["random_0"]
-    assert padded["n_tokens"] == 13
+    assert padded["n_tokens"] == 11  # 8 + 5 real tokens, less each sequence's first
     # Scores divide tiny differences of CE values (a random model barely uses its MLPs): compare
     # the quantities they derive from, which padding changes only by float noise: sums of ≤ ~10²
     # fp32 terms, and KLs of ~1e-5 whose error follows from their inputs' (`kl_tolerance`).
@@ -170,7 +170,8 @@ def test_transcoder_is_scored_against_the_mlp_output():
     model = tiny_model("llama")
     transcoder = make_sae("random", transcoder=True, layer=0)
     input_ids = tiny_input_ids(2, 8)
-    result = evaluate_saes(model, {"tc": transcoder}, [input_ids], language_model_metrics=False)
+    result = evaluate_saes(model, {"tc": transcoder}, [input_ids], language_model_metrics=False,
+                           token_mask=None)
     mlp_input, mlp_output = sae_sites(model, transcoder.config)
     captured = capture_activations(model, input_ids, [mlp_input, mlp_output])
     expected = transcoder(captured[mlp_input], target=captured[mlp_output]).fvu

@@ -387,7 +387,9 @@ def test_a_language_model_with_nan_weights_fails_the_run(tiny_lm, tmp_path):
     ({"batch_size": 32}, "batch_size: 64 → 32"),
     ({"seed": 1}, "seed: 0 → 1"),
     ({"activation_cache_dir": None}, "activations_from: 'cache' → 'model'"),
-], ids=["k", "layers", "batch_size", "seed", "cache-to-model"])
+    ({"k_anneal_steps": 3}, "k_anneal_steps: 0 → 3"),
+    ({"mask_positions_below": 2}, "mask_positions_below: 0 → 2"),
+], ids=["k", "layers", "batch_size", "seed", "cache-to-model", "k-anneal", "token-mask"])
 def test_resuming_with_other_settings_names_each_difference(tiny_lm, run_copy, overrides,
                                                             difference):
     with pytest.raises(ValueError, match=f"belongs to a run with other settings:(.|\n)*"

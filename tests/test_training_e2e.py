@@ -97,15 +97,26 @@ class Interrupted(Exception):
     """Stands in for a killed job."""
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["from-model", "from-cache"])
+SCHEDULES = {"k_anneal_steps": 10, "k_anneal_start": 12, "lr_scheduler_type": "cosine",
+             "std_coefficient_schedule": "linear", "mask_special_tokens": True,
+             "mask_positions_below": 2}
+"""Every schedule at once (k, lr, std penalty), crossing the interruption at step 8, with a
+token mask beyond the default."""
+
+
+@pytest.mark.parametrize(("cached", "schedules"), [
+    (False, {}), (True, {}), (False, SCHEDULES), (True, SCHEDULES),
+], ids=["from-model", "from-cache", "from-model-schedules", "from-cache-schedules"])
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_lm, tmp_path, monkeypatch,
-                                                                   cached):
+                                                                   cached, schedules):
+    sae = {**TINY_SAE, "std_coefficient": 0.1} if schedules else TINY_SAE
+
     def config(output_dir: Path, **overrides) -> TrainingConfig:
         cache = str(tmp_path / "cache") if cached else None
         return tiny_config(tiny_lm, output_dir, checkpointing_steps=4, activation_cache_dir=cache,
-                           **overrides)
+                           **schedules, **overrides)
 
-    uninterrupted = train(config(tmp_path / "a"), TINY_SAE)
+    uninterrupted = train(config(tmp_path / "a"), sae)
     real_save = trainer_module.save_checkpoint
 
     def save_then_die(accelerator, output_dir, step, *args, **kwargs):
@@ -116,15 +127,17 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_lm, tmp_p
 
     monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
-        train(config(tmp_path / "b"), TINY_SAE)
+        train(config(tmp_path / "b"), sae)
     monkeypatch.undo()
     checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert checkpoints == ["step_4", "step_8"]
-    resumed = train(config(tmp_path / "b", resume_from_checkpoint="latest"), TINY_SAE)
+    resumed = train(config(tmp_path / "b", resume_from_checkpoint="latest"), sae)
 
     expected = uninterrupted[HOOKPOINT].state_dict()
     for name, value in resumed[HOOKPOINT].state_dict().items():
         assert torch.equal(value, expected[name]), name
+    assert resumed[HOOKPOINT].config.metrics["masked_rows_skipped"] == \
+        uninterrupted[HOOKPOINT].config.metrics["masked_rows_skipped"] > 0
 
 
 def test_one_cache_feeds_several_runs_and_other_settings_get_their_own(tiny_lm, tmp_path):

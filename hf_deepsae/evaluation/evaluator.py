@@ -1,8 +1,10 @@
 """Evaluate SAEs inside their language model: batches of token ids in, both metric kinds out.
 
 `SAEEvaluator` captures each SAE's activations (`capture_activations`, stopping after the last
-hooked layer) for `ActivationMetrics`, and compares clean, spliced (`splice(mode="replace")`) and
-zero-ablated forward passes for `LanguageModelMetrics`, for several SAEs one at a time or jointly.
+hooked layer) at the positions its `TokenMask` keeps (by default not the first position, BOS
+tokens nor padding, as the trainer trains) for `ActivationMetrics`, and compares clean, spliced
+(`splice(mode="replace")`) and zero-ablated forward passes for `LanguageModelMetrics`, for several
+SAEs one at a time or jointly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ..modeling_deepsae import DeepSAEModel
 from ..sites import Site, attach_hook, check_token_batch, default_key
 from ..splice import base_model_mismatch, capture_activations, sae_sites, splice
+from ..token_mask import DEFAULT_TOKEN_MASK, TokenMask
 from .metrics import (
     ActivationMetrics,
     ActivationMetricsResult,
@@ -110,6 +113,11 @@ class SAEEvaluator:
             language-model metrics, instead of one at a time.
         allow_base_model_mismatch: evaluate SAEs whose `base_model_name_or_path` names another
             model (otherwise a `ValueError`).
+        token_mask: the positions left out of the activation metrics (`masked_tokens` counts
+            them; padding is always left out, and the language-model metrics score every
+            predicted token); None: padding only.
+        tokenizer: the tokens `token_mask` leaves out by id (BOS, special tokens); without it,
+            the model config's `bos_token_id`.
     """
 
     def __init__(
@@ -120,6 +128,8 @@ class SAEEvaluator:
         language_model_metrics: bool = True,
         jointly: bool = False,
         allow_base_model_mismatch: bool = False,
+        token_mask: TokenMask | None = DEFAULT_TOKEN_MASK,
+        tokenizer: Any = None,
     ) -> None:
         if not saes:
             raise ValueError("no SAEs to evaluate")
@@ -129,6 +139,11 @@ class SAEEvaluator:
                 "undefined; evaluate with language_model_metrics=False (--no_language_model)"
             )
         self.model, self.saes = model, dict(saes)
+        self.token_mask = token_mask or TokenMask(mask_bos=False)
+        self._masked_token_ids = self.token_mask.masked_token_ids(
+            model.config if tokenizer is None else tokenizer)
+        self.masked_tokens = 0
+        """Real (non-padding) tokens left out of the activation metrics so far."""
         for name, sae in self.saes.items():
             _check_compatible(model, name, sae, allow_base_model_mismatch)
         self.sites = {name: sae_sites(model, sae.config) for name, sae in self.saes.items()}
@@ -151,13 +166,15 @@ class SAEEvaluator:
 
     @torch.no_grad()
     def update(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
-        """Add a batch of token ids `[batch, seq]`; padding (mask 0) is left out of every metric."""
+        """Add a batch of token ids `[batch, seq]`; padding (mask 0) is left out of every metric,
+        the positions `token_mask` leaves out of the activation metrics."""
         check_token_batch(input_ids, attention_mask)
         input_ids = input_ids.to(self.model.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.model.device)
-        tokens = attention_mask.bool()
+        tokens = self.token_mask.keep(input_ids, self._masked_token_ids, attention_mask)
+        self.masked_tokens += int(attention_mask.bool().sum() - tokens.sum())
         sites = {site for pair in self.sites.values() for site in pair}
         captured = capture_activations(self.model, input_ids, sites, attention_mask)
         for name, sae in self.saes.items():

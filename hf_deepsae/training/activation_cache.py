@@ -2,12 +2,14 @@
 
 Under a cache root, `<model>-<key>/` holds the activations of one combination of what determines
 them — the model's weights and tokenizer (Hub commit or file fingerprints), its dtype, the data
-(files' identity), the sites, context length and held-out split (`metadata`, hashed into `key`) —
-so a model folder overwritten with other weights, or a Hub model updated under the same id, gets a
-new cache instead of the old activations. Inside, each build is a folder `build-<rows>-<id>/` of
-safetensors shards `{site: [rows, width]}` (the model's dtype, reading order; `ActivationStream`
-shuffles later) and `cache_info.json`, written last, which marks it complete. A complete build is
-never modified, so a reader never sees half a cache:
+(files' identity), the sites, context length, held-out split and token mask (`metadata`, hashed
+into `key`) — so a model folder overwritten with other weights, or a Hub model updated under the
+same id, gets a new cache instead of the old activations. Inside, each build is a folder
+`build-<rows>-<id>/` of safetensors shards `{site: [rows, width]}` (the model's dtype, reading
+order; `ActivationStream` shuffles later) plus `KEEP_ROWS`, the rows the token mask keeps (every
+row is stored, so the cache holds whole chunks; the stream drops and counts the others), and
+`cache_info.json`, written last, which marks it complete. A complete build is never modified, so
+a reader never sees half a cache:
 
 - a build holds the folder's `build.lock` (filelock); a second run waiting for it then reuses it;
 - a reader holds a shared lock on its build (`readers.lock`) while it reads; a bigger build that
@@ -32,12 +34,13 @@ from filelock import FileLock, ReadWriteLock, Timeout
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..activations import EpochOrder, ModelActivations
+from ..activations import KEEP_ROWS, EpochOrder, ModelActivations
 from ..files import atomic_write_json, load_safetensors, read_json
 
 CACHE_INFO_FILE = "cache_info.json"
-CACHE_FORMAT = 2
-"""Bumped whenever what a cache holds changes meaning, so old caches are never reused."""
+CACHE_FORMAT = 3
+"""Bumped whenever what a cache holds changes meaning, so old caches are never reused (3: shards
+hold the token mask's `KEEP_ROWS`)."""
 _BUILD_PREFIX = "build-"
 _REBUILD = "delete the folder; the next run rebuilds the cache"
 
@@ -71,8 +74,8 @@ def write_activation_cache(
         bar.update(pending[-1][source.sites[0]].shape[0])
         is_last = written + pending_rows >= max_rows or source.epoch != start_epoch
         if pending_rows >= rows_per_shard or is_last:
-            shard = {site: torch.cat([block[site] for block in pending])[: max_rows - written]
-                     for site in source.sites}
+            shard = {name: torch.cat([block[name] for block in pending])[: max_rows - written]
+                     for name in pending[0]}
             path = folder / f"{shard_prefix}-{shard_index:06d}.safetensors"
             save_file({site: rows.contiguous().cpu() for site, rows in shard.items()}, str(path))
             written += shard[source.sites[0]].shape[0]
@@ -120,7 +123,7 @@ class CachedActivations:
     def next_block(self) -> dict[str, torch.Tensor]:
         path = self.shards[self.order.take(1)[0]]
         shard = load_safetensors(path, fix=f"{_REBUILD} ({self.directory})", required=self.sites)
-        return {site: shard[site] for site in self.sites}
+        return {name: shard[name] for name in [*self.sites, KEEP_ROWS] if name in shard}
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.order.state_dict(), "build_id": self.build_id}

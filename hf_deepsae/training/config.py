@@ -29,6 +29,7 @@ from transformers import HfArgumentParser
 from .. import precision
 from ..activations import EMBEDDED_MODEL_NAME
 from ..configuration_deepsae import DeepSAEConfig
+from ..token_mask import TokenMask
 
 DEFAULT_SAE_RECIPE: dict[str, Any] = {
     "expansion_factor": 8,
@@ -97,6 +98,18 @@ class TrainingConfig:
         "help": "Layers whose MLP output gets an SAE each (ignored when --hookpoints is given)."})
     hookpoints: list[str] | None = dataclasses.field(default=None, metadata={
         "help": "Explicit module paths to train on, e.g. model.layers.6.mlp.down_proj."})
+    mask_bos: bool = dataclasses.field(default=TokenMask.mask_bos, metadata={
+        "help": "Leave each chunk's first position (the attention sink) and every BOS token out "
+                "of training, the activation cache and the held-out metrics (see "
+                "hf_deepsae.token_mask). Padding is always left out."})
+    mask_special_tokens: bool = dataclasses.field(default=TokenMask.mask_special_tokens,
+                                                  metadata={
+        "help": "Also leave out every special token of the tokenizer (EOS separators, chat "
+                "markers, ...)."})
+    mask_positions_below: int = dataclasses.field(default=TokenMask.mask_positions_below,
+                                                  metadata={
+        "help": "Also leave out the first N positions of each chunk (several attention-sink "
+                "positions); 0: none."})
     activation_cache_dir: str | None = dataclasses.field(
         default="outputs/activation_cache", metadata={
             "help": "Root of the on-disk activation cache: the first run with given model, data "
@@ -147,6 +160,17 @@ class TrainingConfig:
             "help": "Autocast for the SAE. auto: what `accelerate launch --mixed_precision` (or "
                     "its config) asks for, else bf16 where this device's bf16 matmuls are fast "
                     "and no elsewhere (hf_deepsae.precision decides)."})
+    k_anneal_steps: int = dataclasses.field(default=0, metadata={
+        "help": "Anneal the number of active latents linearly from --k_anneal_start down to the "
+                "SAE's k over the first N optimizer steps (topk/batchtopk only), so more latents "
+                "get gradient before the code turns sparse; 0: off."})
+    k_anneal_start: int | None = dataclasses.field(default=None, metadata={
+        "help": "The k the anneal starts from. Default: 4·k, at most n_latents."})
+    init_from: str | None = dataclasses.field(default=None, metadata={
+        "help": "Fine-tune an existing SAE instead of a fresh one: an hf_deepsae folder or Hub "
+                "repo, or a sparsify or SAELens checkpoint folder (converted on load). Its "
+                "architecture is used (architecture flags that differ are an error), its "
+                "hookpoint and d_in must match the run; the optimizer starts fresh."})
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed of init and shuffling."})
 
     # Scaling out (see the README's "Scaling out" section and examples/configs/).
@@ -214,7 +238,7 @@ class TrainingConfig:
                 or self.max_grad_norm < 0:
             raise ValueError("checkpointing_steps, checkpointing_minutes and max_grad_norm must "
                              "be >= 0 (0 disables)")
-        for name in ("log_with", "activation_cache_dir", "resume_from_checkpoint"):
+        for name in ("log_with", "activation_cache_dir", "resume_from_checkpoint", "init_from"):
             if getattr(self, name) in ("none", "None", ""):
                 setattr(self, name, None)  # a way to switch a default off from the CLI
         if self.shard_latents and self.distribute_hookpoints:
@@ -224,16 +248,38 @@ class TrainingConfig:
             raise ValueError(f"ddp_timeout={self.ddp_timeout} must be a positive number of seconds")
         if not self.hookpoints and not self.layers:
             raise ValueError("give --layers or --hookpoints: where to train SAEs")
+        if self.token_mask().first_kept_position >= self.context_length:
+            raise ValueError(f"the token mask leaves out every position of a {self.context_length}"
+                             f"-token chunk (mask_positions_below={self.mask_positions_below}); "
+                             "lower --mask_positions_below")
+        if self.k_anneal_steps < 0:
+            raise ValueError(f"k_anneal_steps={self.k_anneal_steps} must be >= 0 (0: off)")
+        if self.k_anneal_start is not None and self.k_anneal_start < 1:
+            raise ValueError(f"k_anneal_start={self.k_anneal_start} must be a positive k")
 
     def record(self) -> dict[str, Any]:
         """The settings that shape the SAE, for its `training_config`: all but `RUN_FIELDS`."""
         return {name: value for name, value in dataclasses.asdict(self).items()
                 if name not in RUN_FIELDS}
 
+    def token_mask(self) -> TokenMask:
+        """The positions left out of training, the cache and the held-out metrics."""
+        return TokenMask(self.mask_bos, self.mask_special_tokens, self.mask_positions_below)
+
     def resolved_dead_threshold_tokens(self) -> int:
         if self.dead_threshold_tokens is not None:
             return self.dead_threshold_tokens
         return max(1, min(10_000_000, self.total_tokens // 10))
+
+    def resolved_k_anneal_start(self, k: int, n_latents: int) -> int:
+        """The k an annealed run starts from: `k_anneal_start`, else 4·k capped at n_latents
+        (four times as many latents get gradient at first, while the first steps still train a
+        sparse code; a heuristic, not a measured optimum)."""
+        start = min(4 * k, n_latents) if self.k_anneal_start is None else self.k_anneal_start
+        if not k <= start <= n_latents:
+            raise ValueError(f"k_anneal_start={start} must lie between the SAE's k={k} and its "
+                             f"n_latents={n_latents}")
+        return start
 
     def resolved_lr(self, n_latents: int) -> float:
         if self.lr is not None:
@@ -324,12 +370,14 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "Language model and data": (
         "model_name_or_path", "lm_dtype", "dataset_name", "dataset_config_name", "data_files",
         "dataset_split", "text_column", "streaming", "context_length", "lm_batch_size", "layers",
-        "hookpoints", "activation_cache_dir"),
+        "hookpoints", "mask_bos", "mask_special_tokens", "mask_positions_below",
+        "activation_cache_dir"),
     "Optimisation": (
         "batch_size", "gradient_accumulation_steps", "total_tokens", "shuffle_buffer_size",
         "optimizer", "lr", "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1",
         "adam_beta2", "muon_momentum", "muon_orthogonalization_dtype", "max_grad_norm",
-        "dead_threshold_tokens", "std_coefficient_schedule", "mixed_precision", "seed"),
+        "dead_threshold_tokens", "std_coefficient_schedule", "k_anneal_steps", "k_anneal_start",
+        "init_from", "mixed_precision", "seed"),
     "Scaling out (several processes or devices)": (
         "shard_latents", "distribute_hookpoints", "lm_device_map", "ddp_timeout"),
     "Evaluation and logging": ("eval_tokens", "log_with", "logging_steps"),

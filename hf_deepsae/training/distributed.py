@@ -80,8 +80,10 @@ class SAEParallelism:
 
     # Building and stepping.
 
-    def build_sae(self, config: DeepSAEConfig) -> DeepSAEModel:
-        """This process's copy (or latent shard) of a new `DeepSAEModel(config)`, on its device.
+    def build_sae(self, config: DeepSAEConfig, initial_state: dict[str, torch.Tensor] | None = None
+                  ) -> DeepSAEModel:
+        """This process's copy (or latent shard) of a new `DeepSAEModel(config)`, on its device,
+        holding `initial_state` if given (`--init_from`) instead of fresh weights.
 
         Latent shards get exactly the weights an unsharded run's main process initialises
         (the same seed gives the same SAE in every mode), but only the main process ever holds
@@ -90,11 +92,13 @@ class SAEParallelism:
         """
         device = self.accelerator.device
         if self.mode != "latents":
-            return DeepSAEModel(config).to(device)
+            return _with_state(DeepSAEModel(config), initial_state).to(device)
         check_shardable(config, self.world_size)
         is_main = self.rank == 0
         with contextlib.nullcontext() if is_main else torch.device("meta"):
             sae = DeepSAEModel(config)
+        if is_main:
+            _with_state(sae, initial_state)
         full = sae.state_dict() if is_main else {}
         shard = shard_sae(sae, self.rank, self.world_size)
         sae = sae.to(device) if is_main else sae.to_empty(device=device)
@@ -237,3 +241,10 @@ class TrainingStates:
         for index, hookpoint in enumerate(self.hookpoints):
             yield hookpoint, self.parallelism.to_main(index, self._runs.get(index), lambda run: (
                 run_state(unwrap(run.sae), run.optimizers, run.schedulers, run.dead)))
+
+
+def _with_state(sae: DeepSAEModel, state: dict[str, torch.Tensor] | None) -> DeepSAEModel:
+    """`sae` holding `state` (whose names and shapes must match exactly), or as it is."""
+    if state is not None:
+        sae.load_state_dict(state)
+    return sae

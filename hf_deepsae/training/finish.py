@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ..activations import ActivationStream, ModelActivations, TokenChunks
+from ..activations import KEEP_ROWS, ActivationStream, ModelActivations, TokenChunks
 from ..evaluation import ActivationMetrics, ActivationMetricsResult
 from ..hub import push_saes_to_hub, save_saes
 from ..modeling_deepsae import DeepSAEModel
@@ -26,11 +26,14 @@ from .targets import SAERun, Target, capture_sites
 
 
 @torch.no_grad()
-def evaluate_runs(runs: list[SAERun], model: Any, eval_chunks: Any, config: TrainingConfig,
-                  accelerator: Accelerator) -> dict[str, ActivationMetricsResult]:
-    """FVU, L0, dead/dense fractions… of every SAE on `eval_tokens` held-out tokens."""
+def evaluate_runs(runs: list[SAERun], model: Any, tokenizer: Any, eval_chunks: Any,
+                  config: TrainingConfig, accelerator: Accelerator
+                  ) -> dict[str, ActivationMetricsResult]:
+    """FVU, L0, dead/dense fractions… of every SAE on `eval_tokens` held-out tokens (those the
+    token mask keeps, as in training)."""
     capture = capture_sites([run.target for run in runs])
-    source = ModelActivations(model, capture, TokenChunks(eval_chunks, config.lm_batch_size, 0))
+    source = ModelActivations(model, capture, TokenChunks(eval_chunks, config.lm_batch_size, 0),
+                              config.token_mask().row_filter(tokenizer))
     saes = {run.name: accelerator.unwrap_model(run.sae).eval() for run in runs}
     metrics = {run.name: ActivationMetrics(saes[run.name].config.n_total_latents) for run in runs}
     progress = tqdm(total=config.eval_tokens, desc="Held-out evaluation", unit="tok",
@@ -38,7 +41,8 @@ def evaluate_runs(runs: list[SAERun], model: Any, eval_chunks: Any, config: Trai
     rows = 0
     while rows < config.eval_tokens and source.epoch == 0:
         block = source.next_block()
-        finite = torch.stack([torch.isfinite(x).all(-1) for x in block.values()]).all(0)
+        keep = block.pop(KEEP_ROWS)
+        finite = keep & torch.stack([torch.isfinite(x).all(-1) for x in block.values()]).all(0)
         block = {name: x[finite][: config.eval_tokens - rows] for name, x in block.items()}
         for run in runs:
             inputs, target = run.inputs(block)
@@ -52,15 +56,15 @@ def evaluate_runs(runs: list[SAERun], model: Any, eval_chunks: Any, config: Trai
 
 
 def finish_run(runs: list[SAERun], targets: list[Target], parallelism: SAEParallelism,
-               model: Any, eval_chunks: Any, stream: ActivationStream, config: TrainingConfig,
-               num_steps: int, accelerator: Accelerator, output_dir: Path,
+               model: Any, tokenizer: Any, eval_chunks: Any, stream: ActivationStream,
+               config: TrainingConfig, num_steps: int, accelerator: Accelerator, output_dir: Path,
                precision: dict[str, str | None]) -> dict[str, DeepSAEModel]:
     """Evaluate on held-out tokens, record config + metrics (and the run's `precision`
     choices) in each SAE, save (and push); returns the SAEs this process holds whole (every SAE
     on the main process, `{}` on the others in the distributed modes). Collective; ends the
     training (and the process group)."""
     accelerator.wait_for_everyone()
-    results = evaluate_runs(runs, model, eval_chunks, config, accelerator) \
+    results = evaluate_runs(runs, model, tokenizer, eval_chunks, config, accelerator) \
         if parallelism.evaluates_here and runs else {}
     finished = {targets[index].hookpoint: value for index, value in parallelism.gather_saes(
         {run.index: run for run in runs},
@@ -99,11 +103,14 @@ def _record(sae: DeepSAEModel, result: ActivationMetricsResult, dead_fraction: f
         **config.record(), **({"model_weights": weights} if weights else {}),
         "lr": config.resolved_lr(sae.config.n_latents),
         "dead_threshold_tokens": config.resolved_dead_threshold_tokens(),
+        "k_anneal_start": config.resolved_k_anneal_start(sae.config.k, sae.config.n_latents)
+        if config.k_anneal_steps else None,
         "precision": precision,
         "num_processes": accelerator.num_processes, "num_steps": num_steps}
     sae.config.metrics = {
         **result.scalars(), "dead_fraction_training": dead_fraction,
         "nonfinite_rows_skipped": stream.nonfinite_rows,
+        "masked_rows_skipped": stream.masked_rows,
         "train_tokens": num_steps * config.batch_size * config.gradient_accumulation_steps
         * accelerator.num_processes}
 

@@ -8,9 +8,11 @@ says where SAEs live otherwise (`--distribute_hookpoints`, `--shard_latents`) an
 processes; `failures.py` makes processes fail together instead of hanging.
 
 NaN policy: activation rows holding NaN/inf are dropped before training and counted
-(`nonfinite_rows` in the logs and the saved metrics); a non-finite loss (checked at log steps) or
-training state (checked before every checkpoint) stops the run with the offending steps, the last
-finite checkpoint and the command that resumes it with a lower learning rate.
+(`nonfinite_rows` in the logs and the saved metrics), as are the positions the token mask leaves
+out (`masked_rows`; BOS and each chunk's first position by default, see `token_mask`); a
+non-finite loss (checked at log steps) or training state (checked before every checkpoint) stops
+the run with the offending steps, the last finite checkpoint and the command that resumes it with
+a lower learning rate.
 
 Checkpoints (`checkpointing`) hold only safetensors and JSON, the same files in every mode, are
 written atomically every `checkpointing_steps`, every `checkpointing_minutes` and on
@@ -57,7 +59,9 @@ from .dead_latents import DeadLatentCounter
 from .distributed import SAEParallelism, TrainingStates
 from .failures import check_same_on_every_process, fail_together, process_group_kwargs
 from .finish import finish_run
+from .init_from import check_initial_site, initial_sae
 from .interruption import StopRequests, TrainingInterrupted, agreed_flags
+from .k_schedule import KSchedule, active_k
 from .optim import build_optimizers, build_scheduler, std_coefficient_at, update_sae
 from .run_identity import RunPosition, hold_output_dir, prepare_output_dir, run_settings
 from .run_precision import agree_on_precision, describe, precision_choices
@@ -83,20 +87,23 @@ def _check_early(config: TrainingConfig, sae_kwargs: dict[str, Any]) -> None:
     if sae_kwargs["sparsity"] in TOPK_KINDS and config.batch_size < sae_kwargs["k"]:
         raise ValueError(f"batch_size={config.batch_size} is smaller than k={sae_kwargs['k']}; "
                          "use a batch of at least k tokens (thousands is typical)")
+    if config.k_anneal_steps and sae_kwargs["sparsity"] not in TOPK_KINDS:
+        raise ValueError(f"--k_anneal_steps anneals k, which sparsity={sae_kwargs['sparsity']!r} "
+                         f"has none of; use {' or '.join(TOPK_KINDS)}, or drop the flag")
     if config.push_to_hub and get_token() is None:
         raise ValueError("--push_to_hub needs a Hub login: run `hf auth login` or set HF_TOKEN")
 
 
 def _build_runs(configs: list[DeepSAEConfig], targets: list[Target], stream: ActivationStream,
                 config: TrainingConfig, num_steps: int, accelerator: Accelerator,
-                parallelism: SAEParallelism, resuming: bool
+                parallelism: SAEParallelism, resuming: bool, initial: DeepSAEModel | None
                 ) -> tuple[list[SAERun], list[dict[str, torch.Tensor]] | None]:
     """Create the SAEs this process trains, with their optimizers, and `prepare` them.
 
     Each SAE's initial weights depend on `seed` and its position only (not on which process
-    builds it). Unless resuming, the first batch of the main process initialises each SAE
-    (`b_dec`, input scale; `prepare` broadcasts them in DDP); the batches are returned to be
-    trained on first.
+    builds it), or are `initial`'s (`--init_from`). Unless resuming or starting from `initial`,
+    the first batch of the main process initialises each SAE (`b_dec`, input scale; `prepare`
+    broadcasts them in DDP); the batches are returned to be trained on first.
     """
     first_batches = None if resuming else parallelism.exchange(next(stream))
     runs = []
@@ -104,11 +111,12 @@ def _build_runs(configs: list[DeepSAEConfig], targets: list[Target], stream: Act
         if not parallelism.trains(index):
             continue
         set_seed(config.seed + index)
-        sae = parallelism.build_sae(sae_config)
+        sae = parallelism.build_sae(sae_config,
+                                    None if initial is None else initial.state_dict())
         run = SAERun(target, sae, [], [], DeadLatentCounter(
             sae_config.n_total_latents, config.resolved_dead_threshold_tokens(),
             accelerator.device), index)
-        if first_batches is not None:
+        if first_batches is not None and initial is None:
             sae.initialize_from_activations(*run.inputs(first_batches[0]))
         lr = config.resolved_lr(sae_config.n_latents)
         optimizers = build_optimizers(sae, config, lr, muon_class=parallelism.muon_class(sae))
@@ -176,6 +184,7 @@ def _log(runs: list[SAERun], targets: list[Target], names: list[tuple[str, ...]]
             raise NonFiniteStateError(step, [f"{target.hookpoint}: the loss ({shown})"])
         logs.update({f"{target.log_prefix}/{name}": value for name, value in means.items()})
     logs["nonfinite_rows"] = stream.nonfinite_rows
+    logs["masked_rows"] = stream.masked_rows
     accelerator.log(logs, step=step)
     return logs
 
@@ -201,7 +210,7 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
     a run whose weights become non-finite raises `RuntimeError` and keeps its last finite
     checkpoints. A process that raises makes the others raise `PeerProcessFailed`.
     """
-    sae_kwargs = sae_config_kwargs(sae_arguments)
+    initial, sae_kwargs = initial_sae(config.init_from, sae_config_kwargs(sae_arguments))
     _check_early(config, sae_kwargs)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator will
     agree_on_precision(state)
@@ -217,7 +226,7 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
         try:
             with fail_together(accelerator):
                 return _train(config, sae_kwargs, accelerator, checkpoint, recorded, position,
-                              cleanup)
+                              cleanup, initial)
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step, without saving
@@ -253,7 +262,8 @@ def _open_run(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: A
 
 def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Accelerator,
            checkpoint: Path | None, recorded: dict[str, Any] | None, position: RunPosition,
-           cleanup: contextlib.ExitStack) -> dict[str, DeepSAEModel]:
+           cleanup: contextlib.ExitStack, initial: DeepSAEModel | None
+           ) -> dict[str, DeepSAEModel]:
     """Everything after the output folder is locked: data, model, SAEs, loop, final save."""
     num_steps, output_dir = position.num_steps, position.output_dir
     with accelerator.main_process_first():
@@ -267,6 +277,11 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
                                            verbose=accelerator.is_main_process)
     targets = resolve_targets(model, config, sae_kwargs["transcoder"])
     sites = capture_sites(targets)
+    configs = sae_configs(model, tokenizer, targets, sae_kwargs)
+    if initial is not None:
+        check_initial_site(initial, config.init_from, targets, configs[0], model)
+    k_schedules = {target.hookpoint: KSchedule.of(config, sae_config)
+                   for target, sae_config in zip(targets, configs, strict=True)}
     parallelism = SAEParallelism(
         accelerator, shard_latents=config.shard_latents,
         distribute_hookpoints=config.distribute_hookpoints,
@@ -280,6 +295,7 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
                                                                 recorded["run_settings"]))
     choices = precision_choices(config, sae_kwargs, accelerator, model.dtype)
     accelerator.print(describe(choices))
+    accelerator.print(config.token_mask().describe())
     with accelerator.main_process_first():
         chunks = tokenize_and_chunk(dataset, tokenizer, config.context_length, config.text_column)
     shard, eval_chunks = split_chunks(chunks, config, accelerator)
@@ -287,14 +303,14 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
     if checkpoint is not None and config.activation_cache_dir is not None:
         build_id = read_data_state(checkpoint, accelerator.process_index)["source"].get(
             "build_id")
-    source = activation_source(model, sites, shard, config, accelerator, identity, build_id)
+    source = activation_source(model, tokenizer, sites, shard, config, accelerator, identity,
+                               build_id)
     if isinstance(source, CachedActivations):
         cleanup.callback(source.close)
     stream = ActivationStream(source, config.batch_size, config.shuffle_buffer_size,
                               seed=config.seed, device=accelerator.device)
-    configs = sae_configs(model, tokenizer, targets, sae_kwargs)
     runs, pending = _build_runs(configs, targets, stream, config, num_steps, accelerator,
-                                parallelism, resuming=checkpoint is not None)
+                                parallelism, resuming=checkpoint is not None, initial=initial)
     states = TrainingStates(parallelism, runs, [target.hookpoint for target in targets])
     position.learning_rate = config.resolved_lr(configs[0].n_latents)
     if checkpoint is not None:
@@ -304,19 +320,20 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
     accelerator.init_trackers("logs", config=_tracker_config(config, sae_kwargs))
     try:
         _training_loop(states, targets, [metric_names(sae_config) for sae_config in configs],
-                       stream, pending, config, accelerator, position)
+                       stream, pending, config, accelerator, position, k_schedules)
     except NonFiniteStateError as error:
         raise RuntimeError(position.diverged_message(error)) from None
-    return finish_run(runs, targets, parallelism, model, eval_chunks, stream, config, num_steps,
-                      accelerator, output_dir, choices)
+    return finish_run(runs, targets, parallelism, model, tokenizer, eval_chunks, stream, config,
+                      num_steps, accelerator, output_dir, choices)
 
 
 def _training_loop(states: TrainingStates, targets: list[Target], names: list[tuple[str, ...]],
                    stream: ActivationStream, pending: list[dict[str, torch.Tensor]] | None,
-                   config: TrainingConfig, accelerator: Accelerator, position: RunPosition
-                   ) -> None:
+                   config: TrainingConfig, accelerator: Accelerator, position: RunPosition,
+                   k_schedules: dict[str, KSchedule]) -> None:
     """Step until `num_steps`, logging and checkpointing (by steps, by time, on a signal);
-    `names[i]` are the metrics of target i's SAE (`metric_names`)."""
+    `names[i]` are the metrics of target i's SAE (`metric_names`), and each SAE selects the k its
+    schedule gives the step."""
     runs, parallelism = states.local, states.parallelism
     num_steps, step = position.num_steps, position.step
     tokens_per_step = config.batch_size * config.gradient_accumulation_steps * \
@@ -324,6 +341,7 @@ def _training_loop(states: TrainingStates, targets: list[Target], names: list[tu
     progress = tqdm(total=num_steps, initial=step, desc="Training SAE", unit="step",
                     disable=not accelerator.is_main_process)
     sums = {run.name: torch.zeros(len(names[run.index])) for run in runs}
+    run_configs = {run.name: accelerator.unwrap_model(run.sae).config for run in runs}
     window_steps, window_start = 0, time.perf_counter()
     last_save = time.monotonic()
     with StopRequests() as stop:
@@ -336,8 +354,9 @@ def _training_loop(states: TrainingStates, targets: list[Target], names: list[tu
                         coefficient = std_coefficient_at(
                             accelerator.unwrap_model(run.sae).config.std_coefficient,
                             config.std_coefficient_schedule, step, num_steps)
-                        metrics = _train_step(run, batches, config, accelerator, parallelism,
-                                              coefficient)
+                        with active_k(run_configs[run.name], k_schedules[run.name].at(step)):
+                            metrics = _train_step(run, batches, config, accelerator,
+                                                  parallelism, coefficient)
                         sums[run.name] = sums[run.name].to(metrics.device) + metrics \
                             / config.gradient_accumulation_steps
             step += 1
