@@ -371,6 +371,15 @@ class ActivationSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def activation_rows(model: PreTrainedModel, sites: Mapping[str, Any], input_ids: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """`{name: [tokens, width]}`: the activations of `model` on `input_ids` at `sites` (`{name:
+    anything capture_activations accepts}`), one row per token."""
+    captured = capture_activations(model, input_ids.to(model.device), list(sites.values()))
+    return {name: captured[key].reshape(-1, captured[key].shape[-1])
+            for name, key in sites.items()}
+
+
 class ModelActivations:
     """Activations of a frozen `model` over `TokenChunks`, at `sites` (`{name: site}`).
 
@@ -391,10 +400,7 @@ class ModelActivations:
 
     @torch.inference_mode()
     def next_block(self) -> dict[str, torch.Tensor]:
-        input_ids = self.chunks.next_batch().to(self.model.device)
-        captured = capture_activations(self.model, input_ids, list(self.capture_keys.values()))
-        return {name: captured[key].reshape(-1, captured[key].shape[-1])
-                for name, key in self.capture_keys.items()}
+        return activation_rows(self.model, self.capture_keys, self.chunks.next_batch())
 
     def state_dict(self) -> dict[str, Any]:
         return self.chunks.state_dict()
