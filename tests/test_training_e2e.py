@@ -87,13 +87,17 @@ class Interrupted(Exception):
     """Stands in for a killed job."""
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["from-model", "from-cache"])
+@pytest.mark.parametrize(("cached", "loss"), [
+    (False, {}), (True, {}),
+    (False, {"loss": "fvu+kl", "layers": [0, 1], "downstream_coefficient": 0.5,
+             "total_tokens": 128 * 12}),  # 128 tokens a step: 8 sequences of 16
+], ids=["from-model", "from-cache", "end-to-end-kl"])
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_lm, tmp_path, monkeypatch,
-                                                                   cached):
+                                                                   cached, loss):
     def config(output_dir: Path, **overrides) -> TrainingConfig:
         cache = str(tmp_path / "cache") if cached else None
         return tiny_config(tiny_lm, output_dir, checkpointing_steps=4, activation_cache_dir=cache,
-                           **overrides)
+                           **loss, **overrides)
 
     uninterrupted = train(config(tmp_path / "a"), TINY_SAE)
     real_save = trainer_module.save_checkpoint
@@ -112,9 +116,11 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_lm, tmp_p
     assert checkpoints == ["step_4", "step_8"]
     resumed = train(config(tmp_path / "b", resume_from_checkpoint="latest"), TINY_SAE)
 
-    expected = uninterrupted[HOOKPOINT].state_dict()
-    for name, value in resumed[HOOKPOINT].state_dict().items():
-        assert torch.equal(value, expected[name]), name
+    assert resumed.keys() == uninterrupted.keys()
+    for hookpoint, sae in resumed.items():
+        expected = uninterrupted[hookpoint].state_dict()
+        for name, value in sae.state_dict().items():
+            assert torch.equal(value, expected[name]), (hookpoint, name)
 
 
 def test_one_cache_feeds_several_runs_and_other_settings_get_their_own(tiny_lm, tmp_path):
