@@ -231,3 +231,24 @@ def test_downstream_term_needs_layer_indices(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match="needs each SAE's layer index"):
         train(tiny_config(tiny_lm, tmp_path, loss="kl", downstream_coefficient=1.0,
                           hookpoints=["transformer.h.1.mlp.c_fc"]), TINY_SAE)
+
+
+@pytest.fixture
+def kl_finetune_example():
+    from example_scripts import import_example
+
+    yield from import_example("kl_finetune")
+
+
+def test_the_fine_tune_example_lowers_a_trained_saes_kl_and_saves_it(
+        sensitive_lm, tmp_path, kl_finetune_example):
+    train(tiny_config(sensitive_lm, tmp_path / "fvu"), TINY_SAE)
+    results = kl_finetune_example.main([
+        "--sae", str(tmp_path / "fvu" / HOOKPOINT), "--dataset_name", str(sensitive_lm[1]),
+        "--context_length", "16", "--lm_batch_size", "8", "--total_tokens", str(128 * 24),
+        "--eval_tokens", "256", "--lr", "1e-2", "--output_dir", str(tmp_path / "kl")])
+
+    assert results["after"]["kl_spliced"] < results["before"]["kl_spliced"]
+    saved = DeepSAEModel.from_pretrained(tmp_path / "kl" / HOOKPOINT)
+    assert saved.config.metrics["kl_spliced"] == results["after"]["kl_spliced"]
+    assert saved.config.training_config["kl_fine_tune"]["loss"] == "kl"
