@@ -190,7 +190,10 @@ def test_the_example_script_runs_with_plain_python(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu_ends_with_identical_weights_on_every_rank(tiny_lm, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--loss", "fvu+kl", "--layers", "0", "1"]],
+                         ids=["fvu", "end-to-end-kl"])
+def test_two_process_ddp_on_cpu_ends_with_identical_weights_on_every_rank(tiny_lm, tmp_path,
+                                                                          flags):
     driver = tmp_path / "driver.py"
     driver.write_text(  # runs examples/train.py unchanged, then dumps each rank's weights
         "import runpy, sys\n"
@@ -207,12 +210,13 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights_on_every_rank(tiny_l
         "training.train = train_and_dump\n"
         f"runpy.run_path({str(REPO / 'examples' / 'train.py')!r}, run_name='__main__')\n"
     )
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}  # this checkout's hf_deepsae, installed or not
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(driver),
-        str(tmp_path), *tiny_cli_args(tiny_lm, tmp_path),
+        str(tmp_path), *tiny_cli_args(tiny_lm, tmp_path), *flags,
     ]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
                             timeout=300)

@@ -316,6 +316,7 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
     if config.loss != "fvu":
         check_end_to_end_model(model)
     targets = resolve_targets(model, config, sae_kwargs["transcoder"])
+    downstream_from = downstream_from_layer(config, [target.layer for target in targets])
     sites = capture_sites(targets)
     parallelism = SAEParallelism(
         accelerator, shard_latents=config.shard_latents,
@@ -361,7 +362,8 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
         accelerator.print(f"Resumed from {checkpoint} at step {position.step}/{num_steps}")
     accelerator.init_trackers("logs", config=_tracker_config(config, sae_kwargs))
     try:
-        _training_loop(states, targets, stream, pending, config, accelerator, position, model)
+        _training_loop(states, targets, stream, pending, config, accelerator, position, model,
+                       downstream_from)
     except NonFiniteStateError as error:
         raise RuntimeError(position.diverged_message(error)) from None
     return finish_run(runs, targets, parallelism, model, eval_chunks, stream, config, num_steps,
@@ -370,17 +372,17 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
 
 def _training_loop(states: TrainingStates, targets: list[Target], stream: Any,
                    pending: list[Any] | None, config: TrainingConfig, accelerator: Accelerator,
-                   position: RunPosition, model: Any) -> None:
+                   position: RunPosition, model: Any, downstream_from: int | None) -> None:
     """Step until `num_steps`, logging and checkpointing (by steps, by time, on a signal).
 
-    `stream` yields activation batches (`--loss fvu`) or token ids (`kl`, `fvu+kl`); `pending`
-    is its first item (exchanged between processes), drawn to initialise the SAEs."""
+    `stream` yields activation batches (`--loss fvu`) or token ids (`kl`, `fvu+kl`, which also
+    run `model` and compare residual streams from layer `downstream_from` on); `pending` is its
+    first item (exchanged between processes), drawn to initialise the SAEs."""
     runs, parallelism = states.local, states.parallelism
     num_steps, step = position.num_steps, position.step
     tokens_per_step = config.tokens_per_batch * config.gradient_accumulation_steps * \
         accelerator.num_processes
     names = metric_names(config)
-    downstream_from = downstream_from_layer(config, [target.layer for target in targets])
     progress = tqdm(total=num_steps, initial=step, desc="Training SAE", unit="step",
                     disable=not accelerator.is_main_process)
     sums: dict[str, torch.Tensor] = {run.name: torch.zeros(len(names)) for run in runs}
