@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -88,14 +89,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     optimizers = build_optimizers(sae.train(), config, config.resolved_lr(sae.config.n_latents))
     schedulers = [build_scheduler(optimizer, config, num_steps) for optimizer in optimizers]
     batches = TokenChunks(train_chunks, config.lm_batch_size, config.seed)
+    start = time.perf_counter()
     for step in range(1, num_steps + 1):
         output = end_to_end_forward(model, spliced_saes(model, {"sae": sae}),
                                     batches.next_batch().to(model.device))
         objective(output, config).backward()
         update_sae(sae, optimizers, schedulers, config.max_grad_norm)
         if step % config.logging_steps == 0 or step == num_steps:
+            speed = step * config.tokens_per_batch / (time.perf_counter() - start)
             print(f"step {step}/{num_steps}: KL {output.kl.item():.4f}, "
-                  f"FVU {output.sae_outputs['sae'].fvu.item():.4f}")
+                  f"FVU {output.sae_outputs['sae'].fvu.item():.4f} ({speed:,.0f} tokens/s)")
 
     after = report("after", sae, model, held_out)
     sae.config.metrics = after

@@ -7,7 +7,8 @@ minimises the KL divergence of the spliced model's next-token distribution from 
 model's, `KL(p_clean ‖ p_spliced)` averaged over the non-padding tokens, the clean pass run
 without gradient. Gradients flow back through the model's (frozen) later layers into the SAEs.
 Each SAE reads the activations of the *spliced* model, so a later SAE learns the inputs it will
-see when spliced together with the earlier ones (sparsify's `loss_fn kl` does the same).
+see when spliced together with the earlier ones (sparsify's `loss_fn kl` does the same); its own
+terms (FVU, AuxK) are measured there too, and their gradient also reaches the earlier SAEs.
 
 The objective (`objective`): `kl_coefficient · KL`, plus each SAE's own loss (`DeepSAEOutput.loss`:
 FVU, AuxK, std and sparsity penalties) with `fvu+kl`, or the same without its FVU with `kl` (the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -104,10 +106,9 @@ def spliced_in(model: nn.Module, saes: Mapping[str, SplicedSAE],
         for name, spliced in saes.items():
             if spliced.read != spliced.write:
                 hooks.append(attach_hook(model.get_submodule(spliced.read.path), spliced.read.side,
-                                         lambda x, name=name: pending.__setitem__(name, x)))
+                                         functools.partial(pending.__setitem__, name)))
             hooks.append(attach_hook(model.get_submodule(spliced.write.path), spliced.write.side,
-                                     lambda x, name=name, spliced=spliced:
-                                     replace(name, spliced, x)))
+                                     functools.partial(replace, name, spliced)))
         yield
     finally:
         for hook in hooks:
