@@ -18,7 +18,12 @@ from hf_deepsae.sites import sae_sites
 from hf_deepsae.splice import capture_activations
 from hf_deepsae.training import TrainingConfig, train
 from hf_deepsae.training import trainer as trainer_module
-from hf_deepsae.training.end_to_end import end_to_end_forward, objective, spliced_saes
+from hf_deepsae.training.end_to_end import (
+    check_end_to_end_model,
+    end_to_end_forward,
+    objective,
+    spliced_saes,
+)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -225,6 +230,11 @@ def test_every_end_to_end_variant_trains_and_saves(tiny_lm, tmp_path, overrides,
 def test_incompatible_end_to_end_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainingConfig(**overrides)
+
+
+def test_a_model_without_next_token_logits_is_refused():
+    with pytest.raises(ValueError, match="BertForMaskedLM is not a causal language model"):
+        check_end_to_end_model(tiny_model("bert"))
 
 
 def test_downstream_term_needs_layer_indices(tiny_lm, tmp_path):
