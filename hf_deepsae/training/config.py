@@ -106,7 +106,8 @@ class TrainingConfig:
 
     # Optimisation.
     batch_size: int = dataclasses.field(default=2048, metadata={
-        "help": "Activation rows (tokens) per step on each process."})
+        "help": "Activation rows (tokens) per step on each process (--loss fvu; the end-to-end "
+                "losses take lm_batch_size*context_length tokens a step)."})
     gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={
         "help": "Batches accumulated per optimizer step."})
     total_tokens: int = dataclasses.field(default=250_000, metadata={
