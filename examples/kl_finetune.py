@@ -44,12 +44,13 @@ class FineTuneArguments:
         "help": "Folder of the trained SAE (one hookpoint's subfolder of train.py's output)."})
 
 
-FINE_TUNE_DEFAULTS = {"loss": "kl", "optimizer": "adam", "lr": 1e-4, "total_tokens": 65_536,
+FINE_TUNE_DEFAULTS = {"loss": "kl", "optimizer": "adam", "lr": 2e-4, "total_tokens": 65_536,
                       "eval_tokens": 8_192,
                       "output_dir": "outputs/deepsae-kl"}
 """Where a short fine-tune differs from training from scratch: a small learning rate on Adam
 (the SAE is already good; Muon's orthogonalised steps would move every direction at once), and
-a few hundred thousand tokens at most on a CPU, each step running the model twice."""
+few tokens, each step running the model twice. On SmolLM2-135M layer 6 these lowered the default
+deep SAE's held-out spliced KL by 16% (the README has the numbers)."""
 
 
 def held_out_batches(chunks, config: TrainingConfig) -> list[torch.Tensor]:
