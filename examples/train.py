@@ -22,7 +22,8 @@ at the end of the current step and prints the command that resumes it exactly
 (`--resume_from_checkpoint latest`); a finished run says where its checkpoints stay. SAEs too big
 for one device (`--shard_latents`), many SAEs over many devices (`--distribute_hookpoints`) and
 ready accelerate configs up to 2 nodes x 8 GPUs: see `examples/configs/` and the README's
-"Scaling out".
+"Scaling out". `--loss kl` (or `fvu+kl`) trains the SAEs end to end on the model's KL with every
+SAE spliced in, running the model each step (`hf_deepsae.training.end_to_end`).
 """
 
 import sys

@@ -378,6 +378,15 @@ class ActivationSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def activation_rows(model: PreTrainedModel, sites: Mapping[str, Any], input_ids: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """`{name: [tokens, width]}`: the activations of `model` on `input_ids` at `sites` (`{name:
+    anything capture_activations accepts}`), one row per token."""
+    captured = capture_activations(model, input_ids.to(model.device), list(sites.values()))
+    return {name: captured[key].reshape(-1, captured[key].shape[-1])
+            for name, key in sites.items()}
+
+
 class ModelActivations:
     """Activations of a frozen `model` over `TokenChunks`, at `sites` (`{name: site}`).
 
@@ -399,12 +408,10 @@ class ModelActivations:
 
     @torch.inference_mode()
     def next_block(self) -> dict[str, torch.Tensor]:
-        input_ids = self.chunks.next_batch().to(self.model.device)
-        captured = capture_activations(self.model, input_ids, list(self.capture_keys.values()))
-        block = {name: captured[key].reshape(-1, captured[key].shape[-1])
-                 for name, key in self.capture_keys.items()}
+        input_ids = self.chunks.next_batch()
+        block = activation_rows(self.model, self.capture_keys, input_ids)
         if self.keep_rows is not None:
-            block[KEEP_ROWS] = self.keep_rows(input_ids)
+            block[KEEP_ROWS] = self.keep_rows(input_ids.to(self.model.device))
         return block
 
     def state_dict(self) -> dict[str, Any]:

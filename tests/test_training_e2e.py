@@ -102,19 +102,24 @@ SCHEDULES = {"k_anneal_steps": 10, "k_anneal_start": 12, "lr_scheduler_type": "c
              "mask_positions_below": 2}
 """Every schedule at once (k, lr, std penalty), crossing the interruption at step 8, with a
 token mask beyond the default."""
+END_TO_END = {"loss": "fvu+kl", "layers": [0, 1], "downstream_coefficient": 0.5,
+              "total_tokens": 128 * 12, "k_anneal_steps": 10, "k_anneal_start": 12}
+"""The end-to-end objective on two SAEs at once (128 tokens a step: 8 sequences of 16), with the
+downstream term and a k schedule crossing the interruption."""
 
 
-@pytest.mark.parametrize(("cached", "schedules"), [
-    (False, {}), (True, {}), (False, SCHEDULES), (True, SCHEDULES),
-], ids=["from-model", "from-cache", "from-model-schedules", "from-cache-schedules"])
+@pytest.mark.parametrize(("cached", "settings"), [
+    (False, {}), (True, {}), (False, SCHEDULES), (True, SCHEDULES), (False, END_TO_END),
+], ids=["from-model", "from-cache", "from-model-schedules", "from-cache-schedules",
+        "end-to-end-kl"])
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_lm, tmp_path, monkeypatch,
-                                                                   cached, schedules):
-    sae = {**TINY_SAE, "std_coefficient": 0.1} if schedules else TINY_SAE
+                                                                   cached, settings):
+    sae = {**TINY_SAE, "std_coefficient": 0.1} if settings else TINY_SAE
 
     def config(output_dir: Path, **overrides) -> TrainingConfig:
         cache = str(tmp_path / "cache") if cached else None
         return tiny_config(tiny_lm, output_dir, checkpointing_steps=4, activation_cache_dir=cache,
-                           **schedules, **overrides)
+                           **settings, **overrides)
 
     uninterrupted = train(config(tmp_path / "a"), sae)
     real_save = trainer_module.save_checkpoint
@@ -133,11 +138,14 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_lm, tmp_p
     assert checkpoints == ["step_4", "step_8"]
     resumed = train(config(tmp_path / "b", resume_from_checkpoint="latest"), sae)
 
-    expected = uninterrupted[HOOKPOINT].state_dict()
-    for name, value in resumed[HOOKPOINT].state_dict().items():
-        assert torch.equal(value, expected[name]), name
-    assert resumed[HOOKPOINT].config.metrics["masked_rows_skipped"] == \
-        uninterrupted[HOOKPOINT].config.metrics["masked_rows_skipped"] > 0
+    assert resumed.keys() == uninterrupted.keys()
+    for hookpoint, sae in resumed.items():
+        expected = uninterrupted[hookpoint].state_dict()
+        for name, value in sae.state_dict().items():
+            assert torch.equal(value, expected[name]), (hookpoint, name)
+        masked = sae.config.metrics["masked_rows_skipped"]
+        assert masked == uninterrupted[hookpoint].config.metrics["masked_rows_skipped"]
+        assert masked > 0 if "loss" not in settings else masked == 0  # KL: whole sequences
 
 
 def test_one_cache_feeds_several_runs_and_other_settings_get_their_own(tiny_lm, tmp_path):
@@ -207,7 +215,10 @@ def test_the_example_script_runs_with_plain_python(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu_ends_with_identical_weights_on_every_rank(tiny_lm, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--loss", "fvu+kl", "--layers", "0", "1"]],
+                         ids=["fvu", "end-to-end-kl"])
+def test_two_process_ddp_on_cpu_ends_with_identical_weights_on_every_rank(tiny_lm, tmp_path,
+                                                                          flags):
     driver = tmp_path / "driver.py"
     driver.write_text(  # runs examples/train.py unchanged, then dumps each rank's weights
         "import runpy, sys\n"
@@ -224,12 +235,13 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights_on_every_rank(tiny_l
         "training.train = train_and_dump\n"
         f"runpy.run_path({str(REPO / 'examples' / 'train.py')!r}, run_name='__main__')\n"
     )
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}  # this checkout's hf_deepsae, installed or not
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(driver),
-        str(tmp_path), *tiny_cli_args(tiny_lm, tmp_path),
+        str(tmp_path), *tiny_cli_args(tiny_lm, tmp_path), *flags,
     ]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
                             timeout=300)

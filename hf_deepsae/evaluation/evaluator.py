@@ -133,7 +133,7 @@ class SAEEvaluator:
     ) -> None:
         if not saes:
             raise ValueError("no SAEs to evaluate")
-        if language_model_metrics and not _is_causal_lm(model):
+        if language_model_metrics and not is_causal_lm(model):
             raise ValueError(
                 f"{type(model).__name__} is not a causal language model, so next-token CE/KL are "
                 "undefined; evaluate with language_model_metrics=False (--no_language_model)"
@@ -211,7 +211,8 @@ class SAEEvaluator:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def _is_causal_lm(model: PreTrainedModel) -> bool:
+def is_causal_lm(model: PreTrainedModel) -> bool:
+    """Whether `model` predicts next tokens (its logits define next-token CE and KL)."""
     return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 

@@ -119,7 +119,8 @@ class TrainingConfig:
 
     # Optimisation.
     batch_size: int = dataclasses.field(default=2048, metadata={
-        "help": "Activation rows (tokens) per step on each process."})
+        "help": "Activation rows (tokens) per step on each process (--loss fvu; the end-to-end "
+                "losses take lm_batch_size*context_length tokens a step)."})
     gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={
         "help": "Batches accumulated per optimizer step."})
     total_tokens: int = dataclasses.field(default=250_000, metadata={
@@ -172,6 +173,24 @@ class TrainingConfig:
                 "architecture is used (architecture flags that differ are an error), its "
                 "hookpoint and d_in must match the run; the optimizer starts fresh."})
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed of init and shuffling."})
+
+    # What the SAEs minimise (see training/end_to_end.py).
+    loss: Literal["fvu", "kl", "fvu+kl"] = dataclasses.field(default="fvu", metadata={
+        "help": "fvu: each SAE's own loss (reconstruction FVU + AuxK and penalties) on activation "
+                "rows. kl: end to end (Braun et al. 2024), every SAE spliced into the model at "
+                "once in place of its site, the KL divergence of the model's next-token "
+                "distribution from the clean model's, plus the SAEs' own terms except FVU. "
+                "fvu+kl: the SAEs' whole own loss plus the KL. Both kl losses run the model twice "
+                "every step (no activation cache); a step is lm_batch_size*context_length tokens "
+                "a process and --batch_size is unused."})
+    kl_coefficient: float = dataclasses.field(default=1.0, metadata={
+        "help": "Weight of the KL term (nats per token, averaged over the batch's tokens) next to "
+                "the SAEs' own terms (FVU is a fraction of variance) with --loss kl or fvu+kl."})
+    downstream_coefficient: float = dataclasses.field(default=0.0, metadata={
+        "help": "Weight of Braun et al.'s downstream term (e2e+ds): the spliced model's residual "
+                "stream after each layer from the first SAE's on, reconstructed against the clean "
+                "model's, as a fraction of its variance averaged over those layers. 0 disables; "
+                "--loss kl or fvu+kl only."})
 
     # Scaling out (see the README's "Scaling out" section and examples/configs/).
     shard_latents: bool = dataclasses.field(default=False, metadata={
@@ -256,6 +275,39 @@ class TrainingConfig:
             raise ValueError(f"k_anneal_steps={self.k_anneal_steps} must be >= 0 (0: off)")
         if self.k_anneal_start is not None and self.k_anneal_start < 1:
             raise ValueError(f"k_anneal_start={self.k_anneal_start} must be a positive k")
+        self._check_loss()
+
+    def _check_loss(self) -> None:
+        """The end-to-end losses splice every SAE into each forward pass of one process, whole."""
+        if self.loss not in ("fvu", "kl", "fvu+kl"):
+            raise ValueError(f"loss={self.loss!r}: choose fvu, kl or fvu+kl")
+        for name in ("kl_coefficient", "downstream_coefficient"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value} must be a finite number >= 0")
+        if self.loss == "fvu":
+            if self.downstream_coefficient:
+                raise ValueError(f"downstream_coefficient={self.downstream_coefficient} needs "
+                                 "--loss kl or fvu+kl (it compares spliced and clean forward "
+                                 "passes, which --loss fvu does not run)")
+            return
+        if self.loss == "kl" and not self.kl_coefficient:
+            raise ValueError("--loss kl with kl_coefficient=0 would train on no objective; raise "
+                             "--kl_coefficient or use --loss fvu")
+        for flag in ("shard_latents", "distribute_hookpoints"):
+            if getattr(self, flag):
+                raise ValueError(
+                    f"--loss {self.loss} can't run with --{flag}: every SAE must be spliced whole "
+                    "into each process's forward pass of the model; use DDP (the default, every "
+                    "process holds every SAE) or --loss fvu")
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Tokens one process trains on per micro-batch: `batch_size` activation rows, or, for
+        the end-to-end losses, one language-model batch of `lm_batch_size` whole sequences."""
+        if self.loss == "fvu":
+            return self.batch_size
+        return self.lm_batch_size * self.context_length
 
     def record(self) -> dict[str, Any]:
         """The settings that shape the SAE, for its `training_config`: all but `RUN_FIELDS`."""
@@ -378,6 +430,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
         "adam_beta2", "muon_momentum", "muon_orthogonalization_dtype", "max_grad_norm",
         "dead_threshold_tokens", "std_coefficient_schedule", "k_anneal_steps", "k_anneal_start",
         "init_from", "mixed_precision", "seed"),
+    "Loss: reconstruction or the model's KL (end to end)": (
+        "loss", "kl_coefficient", "downstream_coefficient"),
     "Scaling out (several processes or devices)": (
         "shard_latents", "distribute_hookpoints", "lm_device_map", "ddp_timeout"),
     "Evaluation and logging": ("eval_tokens", "log_with", "logging_steps"),

@@ -22,6 +22,7 @@ from ..modeling_deepsae import DeepSAEModel
 from .checkpointing import checkpoints_folder, list_checkpoints
 from .config import TrainingConfig
 from .distributed import SAEParallelism
+from .end_to_end import held_out_spliced_metrics
 from .targets import SAERun, Target, capture_sites
 
 
@@ -72,9 +73,11 @@ def finish_run(runs: list[SAERun], targets: list[Target], parallelism: SAEParall
     saes = {name: sae for name, (sae, _) in finished.items()}
     if accelerator.is_main_process:
         results = {name: result for name, (_, (result, _)) in finished.items()}
+        spliced = {} if config.loss == "fvu" else held_out_spliced_metrics(
+            model, saes, eval_chunks, config)
         for sae, (result, dead_fraction) in finished.values():
             _record(sae, result, dead_fraction, model, stream, config, num_steps, accelerator,
-                    precision)
+                    precision, spliced)
         save_saes(saes, output_dir, density_plots={
             name: result.feature_density for name, result in results.items()})
         for name, sae in saes.items():
@@ -85,6 +88,12 @@ def finish_run(runs: list[SAERun], targets: list[Target], parallelism: SAEParall
                 f"L0 {metrics['l0']:.1f}, never fired {metrics['dead_fraction']:.1%}; "
                 f"dead in training (silent for {config.resolved_dead_threshold_tokens():,} "
                 f"tokens) {metrics['dead_fraction_training']:.1%}")
+        if spliced:
+            accelerator.print(
+                f"  spliced into the model{' together' if len(saes) > 1 else ''} "
+                f"({spliced['n_predicted_tokens']:,} held-out tokens): KL "
+                f"{spliced['kl_spliced']:.4f}, CE {spliced['ce_loss_increase']:+.4f} nats, "
+                f"CE-loss score {spliced['ce_loss_score']:.3f}")
         if config.push_to_hub:
             commit = push_saes_to_hub(saes, config.hub_model_id or output_dir.resolve().name)
             accelerator.print(f"Pushed to {commit.repo_url}")
@@ -96,8 +105,11 @@ def finish_run(runs: list[SAERun], targets: list[Target], parallelism: SAEParall
 
 def _record(sae: DeepSAEModel, result: ActivationMetricsResult, dead_fraction: float, model: Any,
             stream: ActivationStream, config: TrainingConfig, num_steps: int,
-            accelerator: Accelerator, precision: dict[str, str | None]) -> None:
-    """Write how `sae` was trained and how well it does into its config (and so its card)."""
+            accelerator: Accelerator, precision: dict[str, str | None],
+            spliced: dict[str, float | int]) -> None:
+    """Write how `sae` was trained and how well it does into its config (and so its card);
+    `spliced`: the language-model metrics of the run's SAEs spliced in together (end-to-end
+    losses)."""
     weights = getattr(model.config, "weights_source", None)  # see load_language_model
     sae.config.training_config = {
         **config.record(), **({"model_weights": weights} if weights else {}),
@@ -108,10 +120,10 @@ def _record(sae: DeepSAEModel, result: ActivationMetricsResult, dead_fraction: f
         "precision": precision,
         "num_processes": accelerator.num_processes, "num_steps": num_steps}
     sae.config.metrics = {
-        **result.scalars(), "dead_fraction_training": dead_fraction,
+        **result.scalars(), **spliced, "dead_fraction_training": dead_fraction,
         "nonfinite_rows_skipped": stream.nonfinite_rows,
         "masked_rows_skipped": stream.masked_rows,
-        "train_tokens": num_steps * config.batch_size * config.gradient_accumulation_steps
+        "train_tokens": num_steps * config.tokens_per_batch * config.gradient_accumulation_steps
         * accelerator.num_processes}
 
 

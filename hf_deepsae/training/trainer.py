@@ -38,12 +38,13 @@ from tqdm.auto import tqdm
 
 from ..activations import (
     ActivationStream,
+    activation_rows,
     load_language_model,
     load_text_dataset,
     tokenize_and_chunk,
 )
 from ..configuration_deepsae import TOPK_KINDS, DeepSAEConfig
-from ..modeling_deepsae import DeepSAEModel
+from ..modeling_deepsae import DeepSAEModel, DeepSAEOutput
 from .activation_cache import CachedActivations
 from .checkpointing import (
     NonFiniteStateError,
@@ -57,6 +58,15 @@ from .config import TrainingConfig, sae_config_kwargs
 from .data import activation_source, activations_identity, split_chunks
 from .dead_latents import DeadLatentCounter
 from .distributed import SAEParallelism, TrainingStates
+from .end_to_end import (
+    SplicedSAE,
+    TokenBatches,
+    check_end_to_end_model,
+    downstream_from_layer,
+    end_to_end_forward,
+    objective,
+    without_activation_cache,
+)
 from .failures import check_same_on_every_process, fail_together, process_group_kwargs
 from .finish import finish_run
 from .init_from import check_initial_site, initial_sae
@@ -84,9 +94,10 @@ def check_output_dir(path: str | Path) -> Path:
 
 def _check_early(config: TrainingConfig, sae_kwargs: dict[str, Any]) -> None:
     """Input mistakes that need neither the model nor the data."""
-    if sae_kwargs["sparsity"] in TOPK_KINDS and config.batch_size < sae_kwargs["k"]:
-        raise ValueError(f"batch_size={config.batch_size} is smaller than k={sae_kwargs['k']}; "
-                         "use a batch of at least k tokens (thousands is typical)")
+    if sae_kwargs["sparsity"] in TOPK_KINDS and config.tokens_per_batch < sae_kwargs["k"]:
+        raise ValueError(f"a batch of {config.tokens_per_batch} tokens is smaller than "
+                         f"k={sae_kwargs['k']}; use a batch (--batch_size, or for --loss kl "
+                         "--lm_batch_size x --context_length) of at least k tokens")
     if config.k_anneal_steps and sae_kwargs["sparsity"] not in TOPK_KINDS:
         raise ValueError(f"--k_anneal_steps anneals k, which sparsity={sae_kwargs['sparsity']!r} "
                          f"has none of; use {' or '.join(TOPK_KINDS)}, or drop the flag")
@@ -94,18 +105,17 @@ def _check_early(config: TrainingConfig, sae_kwargs: dict[str, Any]) -> None:
         raise ValueError("--push_to_hub needs a Hub login: run `hf auth login` or set HF_TOKEN")
 
 
-def _build_runs(configs: list[DeepSAEConfig], targets: list[Target], stream: ActivationStream,
-                config: TrainingConfig, num_steps: int, accelerator: Accelerator,
-                parallelism: SAEParallelism, resuming: bool, initial: DeepSAEModel | None
-                ) -> tuple[list[SAERun], list[dict[str, torch.Tensor]] | None]:
+def _build_runs(configs: list[DeepSAEConfig], targets: list[Target],
+                first_batches: list[dict[str, torch.Tensor]] | None, config: TrainingConfig,
+                num_steps: int, accelerator: Accelerator, parallelism: SAEParallelism,
+                initial: DeepSAEModel | None) -> list[SAERun]:
     """Create the SAEs this process trains, with their optimizers, and `prepare` them.
 
     Each SAE's initial weights depend on `seed` and its position only (not on which process
-    builds it), or are `initial`'s (`--init_from`). Unless resuming or starting from `initial`,
-    the first batch of the main process initialises each SAE (`b_dec`, input scale; `prepare`
-    broadcasts them in DDP); the batches are returned to be trained on first.
+    builds it), or are `initial`'s (`--init_from`). Unless resuming (`first_batches` None) or
+    starting from `initial`, the main process's first batch of activations initialises each SAE
+    (`b_dec`, input scale; `prepare` broadcasts them in DDP).
     """
-    first_batches = None if resuming else parallelism.exchange(next(stream))
     runs = []
     for index, (target, sae_config) in enumerate(zip(targets, configs, strict=True)):
         if not parallelism.trains(index):
@@ -123,17 +133,11 @@ def _build_runs(configs: list[DeepSAEConfig], targets: list[Target], stream: Act
         schedulers = [build_scheduler(optimizer, config, num_steps) for optimizer in optimizers]
         run.sae, run.optimizers, run.schedulers = parallelism.prepare(sae, optimizers, schedulers)
         runs.append(run)
-    return runs, first_batches
+    return runs
 
 
 METRICS = ("loss", "fvu", "l0", "aux_loss", "pre_act_std")
 RUN_STATE = ("dead_fraction", "lr")
-
-
-def metric_names(config: DeepSAEConfig) -> tuple[str, ...]:
-    """What `_train_step` measures of an SAE: `METRICS`, then each Matryoshka prefix's FVU."""
-    return METRICS + tuple(f"matryoshka_fvu_{prefix}"
-                           for prefix in config.matryoshka_prefixes or ())
 
 
 def _train_step(run: SAERun, batches: list[dict[str, torch.Tensor]], config: TrainingConfig,
@@ -150,16 +154,70 @@ def _train_step(run: SAERun, batches: list[dict[str, torch.Tensor]], config: Tra
                           std_coefficient=std_coefficient)
         accelerator.backward(out.loss / len(batches))
         fired = fired + run.dead.fired(out.latent_acts, out.latent_indices)
-        l0 = (out.latent_acts != 0).sum(-1).float().mean()
-        prefix_fvus = l0.new_zeros(0) if out.matryoshka_fvu is None else out.matryoshka_fvu
-        measured.append(torch.cat([torch.stack([out.loss, out.fvu, l0, out.aux_loss,
-                                                out.pre_act_std]), prefix_fvus]).detach().float())
+        measured.append(_sae_metrics(out, out.loss))
+    _end_step(run, fired, config, accelerator, parallelism)
+    return torch.stack(measured).mean(0)
+
+
+def _sae_metrics(out: DeepSAEOutput, loss: torch.Tensor) -> torch.Tensor:
+    """`METRICS` of one SAE forward whose training loss is `loss`, then each Matryoshka
+    prefix's FVU."""
+    l0 = (out.latent_acts != 0).sum(-1).float().mean()
+    prefix_fvus = l0.new_zeros(0) if out.matryoshka_fvu is None else out.matryoshka_fvu
+    return torch.cat([torch.stack([loss, out.fvu, l0, out.aux_loss, out.pre_act_std]),
+                      prefix_fvus]).detach().float()
+
+
+def _end_step(run: SAERun, fired: torch.Tensor, config: TrainingConfig,
+              accelerator: Accelerator, parallelism: SAEParallelism) -> None:
+    """After a micro-batch's backward: count dead latents; on the last micro-batch, update."""
     run.dead.advance(parallelism.reduce_fired(fired),
-                     n_tokens=config.batch_size * accelerator.num_processes)
+                     n_tokens=config.tokens_per_batch * accelerator.num_processes)
     if accelerator.sync_gradients:
         update_sae(accelerator.unwrap_model(run.sae), run.optimizers, run.schedulers,
                    config.max_grad_norm, parallelism.clip_grad_norm(run.sae))
-    return torch.stack(measured).mean(0)
+
+
+def _train_end_to_end_step(runs: list[SAERun], model: Any, input_ids: torch.Tensor,
+                           config: TrainingConfig, accelerator: Accelerator,
+                           parallelism: SAEParallelism, std_coefficients: dict[str, float],
+                           downstream_from: int | None) -> dict[str, torch.Tensor]:
+    """`--loss kl`/`fvu+kl` (`end_to_end`): every SAE spliced into one forward pass of the
+    model on `input_ids`, one backward of the joint objective, then each SAE's update. Returns
+    each SAE's metrics: `METRICS` (its loss the joint one), the KL and the downstream term."""
+    def sae_forward(run: SAERun) -> Any:
+        def forward(inputs: torch.Tensor, target: torch.Tensor | None) -> DeepSAEOutput:
+            device = accelerator.device
+            with accelerator.autocast():  # the SAE's arithmetic only, not the model's
+                return run.sae(inputs.to(device), None if target is None else target.to(device),
+                               dead_mask=run.dead.dead_mask,
+                               std_coefficient=std_coefficients[run.name])
+        return forward
+
+    saes = {run.name: SplicedSAE(sae_forward(run), run.target.read, run.target.write)
+            for run in runs}
+    output = end_to_end_forward(model, saes, input_ids, downstream_from_layer=downstream_from)
+    loss = objective(output, config)
+    accelerator.backward(loss)
+    shared = [output.kl, *([] if output.downstream_fvu is None else [output.downstream_fvu])]
+    metrics = {}
+    for run in runs:
+        out = output.sae_outputs[run.name]
+        metrics[run.name] = torch.cat([_sae_metrics(out, loss),
+                                       torch.stack(shared).detach().float()])
+        _end_step(run, run.dead.fired(out.latent_acts, out.latent_indices), config, accelerator,
+                  parallelism)
+    return metrics
+
+
+def metric_names(config: TrainingConfig, sae_config: DeepSAEConfig) -> tuple[str, ...]:
+    """The metrics a step returns for an SAE: `METRICS`, each Matryoshka prefix's FVU, and the
+    end-to-end losses' terms."""
+    prefixes = tuple(f"matryoshka_fvu_{prefix}" for prefix in sae_config.matryoshka_prefixes or ())
+    if config.loss == "fvu":
+        return METRICS + prefixes
+    return (*METRICS, *prefixes, "kl",
+            *(["downstream_fvu"] if config.downstream_coefficient else []))
 
 
 def _log(runs: list[SAERun], targets: list[Target], names: list[tuple[str, ...]],
@@ -179,8 +237,8 @@ def _log(runs: list[SAERun], targets: list[Target], names: list[tuple[str, ...]]
             local, parallelism.metrics_reduction).tolist(), strict=True):
         means = dict(zip(target_names, values[:len(target_names)], strict=True)) | dict(
             zip(RUN_STATE, values[-len(RUN_STATE):], strict=True))
-        if not all(math.isfinite(means[name]) for name in METRICS):
-            shown = ", ".join(f"{name} {means[name]:.4g}" for name in METRICS)
+        if not all(math.isfinite(means[name]) for name in target_names):
+            shown = ", ".join(f"{name} {means[name]:.4g}" for name in target_names)
             raise NonFiniteStateError(step, [f"{target.hookpoint}: the loss ({shown})"])
         logs.update({f"{target.log_prefix}/{name}": value for name, value in means.items()})
     logs["nonfinite_rows"] = stream.nonfinite_rows
@@ -220,6 +278,7 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
         project_dir=config.output_dir, step_scheduler_with_optimizer=False,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[process_group_kwargs(config.ddp_timeout)])
+    config = without_activation_cache(config, accelerator.print)
     with contextlib.ExitStack() as cleanup:
         with fail_together(accelerator):
             position, checkpoint, recorded = _open_run(config, sae_kwargs, accelerator, cleanup)
@@ -242,7 +301,7 @@ def _open_run(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: A
     check_same_on_every_process(accelerator, "the training configuration",
                                 {**dataclasses.asdict(config), **sae_kwargs})
     output_dir = check_output_dir(config.output_dir)
-    tokens_per_step = config.batch_size * config.gradient_accumulation_steps * \
+    tokens_per_step = config.tokens_per_batch * config.gradient_accumulation_steps * \
         accelerator.num_processes
     num_steps = config.total_tokens // tokens_per_step
     if num_steps == 0:
@@ -275,7 +334,10 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
                                            device=accelerator.device,
                                            device_map=config.lm_device_map,
                                            verbose=accelerator.is_main_process)
+    if config.loss != "fvu":
+        check_end_to_end_model(model)
     targets = resolve_targets(model, config, sae_kwargs["transcoder"])
+    downstream_from = downstream_from_layer(config, [target.layer for target in targets])
     sites = capture_sites(targets)
     configs = sae_configs(model, tokenizer, targets, sae_kwargs)
     if initial is not None:
@@ -303,14 +365,22 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
     if checkpoint is not None and config.activation_cache_dir is not None:
         build_id = read_data_state(checkpoint, accelerator.process_index)["source"].get(
             "build_id")
-    source = activation_source(model, tokenizer, sites, shard, config, accelerator, identity,
-                               build_id)
-    if isinstance(source, CachedActivations):
-        cleanup.callback(source.close)
-    stream = ActivationStream(source, config.batch_size, config.shuffle_buffer_size,
-                              seed=config.seed, device=accelerator.device)
-    runs, pending = _build_runs(configs, targets, stream, config, num_steps, accelerator,
-                                parallelism, resuming=checkpoint is not None, initial=initial)
+    if config.loss == "fvu":
+        source = activation_source(model, tokenizer, sites, shard, config, accelerator, identity,
+                                   build_id)
+        if isinstance(source, CachedActivations):
+            cleanup.callback(source.close)
+        stream = ActivationStream(source, config.batch_size, config.shuffle_buffer_size,
+                                  seed=config.seed, device=accelerator.device)
+    else:
+        stream = TokenBatches(shard, config.lm_batch_size, config.seed, accelerator.device)
+    pending = None if checkpoint is not None else parallelism.exchange(next(stream))
+    first_batches = pending
+    if pending is not None and config.loss != "fvu":  # token ids: initialise from their activations
+        first_batches = [{name: rows.to(accelerator.device) for name, rows in activation_rows(
+            model, sites, pending[0]).items()}]
+    runs = _build_runs(configs, targets, first_batches, config, num_steps, accelerator,
+                       parallelism, initial)
     states = TrainingStates(parallelism, runs, [target.hookpoint for target in targets])
     position.learning_rate = config.resolved_lr(configs[0].n_latents)
     if checkpoint is not None:
@@ -319,8 +389,9 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
         accelerator.print(f"Resumed from {checkpoint} at step {position.step}/{num_steps}")
     accelerator.init_trackers("logs", config=_tracker_config(config, sae_kwargs))
     try:
-        _training_loop(states, targets, [metric_names(sae_config) for sae_config in configs],
-                       stream, pending, config, accelerator, position, k_schedules)
+        names = [metric_names(config, sae_config) for sae_config in configs]
+        _training_loop(states, targets, names, stream, pending, config, accelerator, position,
+                       model, downstream_from, k_schedules)
     except NonFiniteStateError as error:
         raise RuntimeError(position.diverged_message(error)) from None
     return finish_run(runs, targets, parallelism, model, tokenizer, eval_chunks, stream, config,
@@ -328,15 +399,19 @@ def _train(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: Acce
 
 
 def _training_loop(states: TrainingStates, targets: list[Target], names: list[tuple[str, ...]],
-                   stream: ActivationStream, pending: list[dict[str, torch.Tensor]] | None,
-                   config: TrainingConfig, accelerator: Accelerator, position: RunPosition,
-                   k_schedules: dict[str, KSchedule]) -> None:
-    """Step until `num_steps`, logging and checkpointing (by steps, by time, on a signal);
-    `names[i]` are the metrics of target i's SAE (`metric_names`), and each SAE selects the k its
-    schedule gives the step."""
+                   stream: Any, pending: list[Any] | None, config: TrainingConfig,
+                   accelerator: Accelerator, position: RunPosition, model: Any,
+                   downstream_from: int | None, k_schedules: dict[str, KSchedule]) -> None:
+    """Step until `num_steps`, logging and checkpointing (by steps, by time, on a signal).
+
+    `names[i]` are the metrics of target i's SAE (`metric_names`). `stream` yields activation
+    batches (`--loss fvu`) or token ids (`kl`, `fvu+kl`, which also run `model` and compare
+    residual streams from layer `downstream_from` on); `pending` is its first item (exchanged
+    between processes), drawn to initialise the SAEs. Each SAE selects the k its schedule gives
+    the step."""
     runs, parallelism = states.local, states.parallelism
     num_steps, step = position.num_steps, position.step
-    tokens_per_step = config.batch_size * config.gradient_accumulation_steps * \
+    tokens_per_step = config.tokens_per_batch * config.gradient_accumulation_steps * \
         accelerator.num_processes
     progress = tqdm(total=num_steps, initial=step, desc="Training SAE", unit="step",
                     disable=not accelerator.is_main_process)
@@ -350,14 +425,23 @@ def _training_loop(states: TrainingStates, targets: list[Target], names: list[tu
                 batches = pending if pending is not None else parallelism.exchange(next(stream))
                 pending = None
                 with accelerator.accumulate(*[run.sae for run in runs]):
-                    for run in runs:
-                        coefficient = std_coefficient_at(
-                            accelerator.unwrap_model(run.sae).config.std_coefficient,
-                            config.std_coefficient_schedule, step, num_steps)
-                        with active_k(run_configs[run.name], k_schedules[run.name].at(step)):
-                            metrics = _train_step(run, batches, config, accelerator,
-                                                  parallelism, coefficient)
-                        sums[run.name] = sums[run.name].to(metrics.device) + metrics \
+                    coefficients = {run.name: std_coefficient_at(
+                        accelerator.unwrap_model(run.sae).config.std_coefficient,
+                        config.std_coefficient_schedule, step, num_steps) for run in runs}
+                    with contextlib.ExitStack() as scheduled_k:
+                        for run in runs:
+                            scheduled_k.enter_context(active_k(
+                                run_configs[run.name], k_schedules[run.name].at(step)))
+                        if config.loss == "fvu":
+                            step_metrics = {run.name: _train_step(
+                                run, batches, config, accelerator, parallelism,
+                                coefficients[run.name]) for run in runs}
+                        else:
+                            step_metrics = _train_end_to_end_step(
+                                runs, model, batches[0], config, accelerator, parallelism,
+                                coefficients, downstream_from)
+                    for name, metrics in step_metrics.items():
+                        sums[name] = sums[name].to(metrics.device) + metrics \
                             / config.gradient_accumulation_steps
             step += 1
             position.step = step
@@ -371,6 +455,7 @@ def _training_loop(states: TrainingStates, targets: list[Target], names: list[tu
                 first = targets[0].log_prefix
                 progress.set_postfix({
                     "tok/s": f"{speed:,.0f}", "fvu": f"{logs[f'{first}/fvu']:.3f}",
+                    **({"kl": f"{logs[f'{first}/kl']:.4f}"} if "kl" in names else {}),
                     "l0": f"{logs[f'{first}/l0']:.1f}",
                     "dead": f"{logs[f'{first}/dead_fraction']:.1%}"})
                 sums = {name: torch.zeros_like(total) for name, total in sums.items()}
