@@ -80,8 +80,9 @@ class ActivationSource:
     cache_dir: str = str(DEFAULT_CACHE_DIR / "benchmark_activations")
 
     def token_chunks(self, tokenizer: Any, lm_batch_size: int = 8, seed: int = 0) -> TokenChunks:
-        """The corpus's `context_length` chunks in the seeded order the cache reads them: the
-        first chunks are the cache's first rows (training rows), the last ones its held-out tail."""
+        """The corpus's `context_length` chunks in the seeded order `cached()` builds the cache
+        from: the first 64 chunks of 256 tokens are its first shard of 16,384 rows (`cached()`
+        then reads the shards in a seeded order of their own and holds out the last rows read)."""
         chunks = tokenize_and_chunk(load_text_dataset(self.dataset_name), tokenizer,
                                     self.context_length)
         return TokenChunks(chunks, lm_batch_size, seed)

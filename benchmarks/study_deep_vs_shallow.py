@@ -25,17 +25,23 @@ of them trained on (docstrings of Python standard-library modules); plots the FV
 per architecture. `--interpretability` adds the absorption and sparse-probing benchmarks of
 `hf_deepsae.evaluation` (as `study_interpretability.py` runs them) for those best SAEs, which are
 kept under `--work_dir` so that a later run can score them without training them again.
+`--kl_finetune_tokens N` fine-tunes a copy of each best SAE on the model's KL for N tokens
+(`hf_deepsae.training.end_to_end.fine_tune_on_kl` with `examples/kl_finetune.py`'s recipe) and
+scores it alike, as architecture `<architecture>+kl`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import importlib
 import itertools
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +66,10 @@ from datasets import Dataset
 
 from hf_deepsae import DeepSAEConfig, DeepSAEModel
 from hf_deepsae.activations import load_language_model, tokenize_and_chunk
-from hf_deepsae.evaluation import ActivationMetrics, evaluate_saes
+from hf_deepsae.evaluation import ActivationMetrics, BenchmarkSuite, evaluate_saes
 from hf_deepsae.training.config import TrainingConfig
 from hf_deepsae.training.dead_latents import DeadLatentCounter
+from hf_deepsae.training.end_to_end import KL_FINE_TUNE_RECIPE, fine_tune_on_kl
 from hf_deepsae.training.optim import build_optimizers, build_scheduler
 
 matplotlib.use("Agg")
@@ -82,7 +89,7 @@ SMOKE = {"architectures": ["shallow", "deep", "stacked-2", "matryoshka"], "ks": 
          "optimizers": ["muon"], "std_coefficients": [0.0], "expansion_factor": 2,
          "batch_size": 64, "train_tokens": 128, "eval_tokens": 256, "ce_tokens": 32,
          "interpretability": True, "absorption_words": 300, "probing_per_class": 8,
-         "fresh": True}
+         "kl_finetune_tokens": 128, "fresh": True}
 RESULTS_NAME = "study_deep_vs_shallow"
 PLOT_NAME = "fvu_vs_l0"
 RECIPE_SETTINGS = ("expansion_factor", "batch_size", "train_tokens", "eval_tokens", "seed",
@@ -216,6 +223,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--interpretability", action="store_true",
                         help="also run absorption and sparse probing on the best SAE per "
                              "(architecture, k)")
+    parser.add_argument("--kl_finetune_tokens", type=int, default=0,
+                        help="fine-tune a copy of the best SAE per (architecture, k) on the "
+                             "model's KL for this many tokens and report it as "
+                             "'<architecture>+kl' (0: none)")
+    parser.add_argument("--kl_lm_batch_size", type=int, default=TrainingConfig.lm_batch_size,
+                        help="sequences per KL fine-tuning step (fewer: more steps of the same "
+                             "tokens)")
     parser.add_argument("--results_name", default=RESULTS_NAME,
                         help="the JSON's name in --results_dir (and the plot's, unless it is "
                              f"{RESULTS_NAME}, whose plot is {PLOT_NAME}.png)")
@@ -280,9 +294,10 @@ def keep_if_best(sae: DeepSAEModel, row: dict, rows: list[dict], args: argparse.
 def best_saes(rows: list[dict], trained: dict[str, DeepSAEModel], args: argparse.Namespace
               ) -> dict[str, DeepSAEModel]:
     """`{name: SAE}` of the best run per (architecture, k): trained now, or kept in `--work_dir`
-    by an earlier run of the same recipe (cells with neither are left out, and said so)."""
+    by an earlier run of the same recipe (cells with neither are left out, and said so); the
+    KL fine-tuned copies are not among them."""
     saes = {}
-    for row in best_runs(rows).values():
+    for row in best_runs([row for row in rows if "fine_tuned_from" not in row]).values():
         folder = cell_folder(row, args)
         if row["name"] in trained:
             saes[row["name"]] = trained[row["name"]]
@@ -311,19 +326,55 @@ def add_spliced_metrics(rows: list[dict], saes: dict[str, DeepSAEModel], model: 
 
 
 def add_interpretability(rows: list[dict], saes: dict[str, DeepSAEModel],
-                         model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace
-                         ) -> None:
+                         suite: Callable[[], BenchmarkSuite], args: argparse.Namespace) -> None:
     """Absorption and sparse-probing numbers of the best SAEs that have none yet, each row
     written as soon as it is scored."""
-    suite = None
     for row in rows:
         if row["name"] not in saes or "benchmark_s" in row:
             continue
-        suite = suite or interpretability_suite(model, tokenizer, args)
-        row.update(interpretability_scores(suite, saes[row["name"]]))
-        print(f"{row['name']}: absorption {row.get('absorption_fraction')} (None: no letter "
-              f"probe good enough), sparse probing top-1 {row['sparse_probing_top_1_accuracy']:.3f}",
+        row.update(interpretability_scores(suite(), saes[row["name"]]))
+        print(f"{row['name']}: absorption fraction {row.get('absorption_fraction')}, sparse "
+              f"probing top-1 {row['sparse_probing_top_1_accuracy']:.3f}", flush=True)
+        save(rows, args)
+
+
+def add_kl_finetuned(rows: list[dict], saes: dict[str, DeepSAEModel], model: torch.nn.Module,
+                     tokenizer: Any, held_out: torch.Tensor, suite: Callable[[], BenchmarkSuite],
+                     args: argparse.Namespace, source: ActivationSource) -> None:
+    """A row `<architecture>+kl` per best SAE: a copy fine-tuned on KL(clean ‖ spliced) for
+    `--kl_finetune_tokens` tokens, then scored as the best SAEs are (each row written when done).
+
+    The fine-tune reads the corpus's first chunks in the order the activation cache was built
+    from (`ActivationSource.token_chunks`), so up to 16,384 tokens it sees only the cache's first
+    shard; where that shard is a training one (the default cache), no held-out row.
+    """
+    config = TrainingConfig(**KL_FINE_TUNE_RECIPE, total_tokens=args.kl_finetune_tokens,
+                            lm_batch_size=args.kl_lm_batch_size,
+                            context_length=source.context_length, seed=args.seed)
+    done = {row["name"] for row in rows}
+    for row in [row for row in rows if row["name"] in saes]:
+        name = f"{row['name']} +kl {args.kl_finetune_tokens}"
+        if name in done:
+            continue
+        sae = copy.deepcopy(saes[row["name"]])
+        start = time.perf_counter()
+        fine_tune_on_kl(model, sae, source.token_chunks(tokenizer, config.lm_batch_size), config)
+        tuned = {"name": name, "architecture": f"{row['architecture']}+kl",
+                 **{key: row[key] for key in ("k", "optimizer", "std_coefficient",
+                                              "n_total_latents")},
+                 "fine_tuned_from": row["name"], "kl_finetune_tokens": args.kl_finetune_tokens,
+                 "kl_lm_batch_size": args.kl_lm_batch_size,
+                 "train_s": time.perf_counter() - start,
+                 **held_out_metrics(sae, held_out, args.device)}
+        if args.ce_tokens:
+            tuned.update(spliced_metrics({name: sae}, model, tokenizer, args.ce_tokens,
+                                         source)[name])
+        if args.interpretability:
+            tuned.update(interpretability_scores(suite(), sae))
+        print(f"{name}: FVU {row['fvu']:.4f} -> {tuned['fvu']:.4f}, spliced KL "
+              f"{row.get('kl_spliced', math.nan):.4f} -> {tuned.get('kl_spliced', math.nan):.4f}",
               flush=True)
+        rows.append(tuned)
         save(rows, args)
 
 
@@ -361,6 +412,8 @@ def train_grid(train: torch.Tensor, held_out: torch.Tensor, args: argparse.Names
         trained[name] = sae
         keep_if_best(sae, row, rows, args)
         save(rows, args)
+    names = {row["name"] for row in rows}
+    rows += [row for row in finished.values() if row.get("fine_tuned_from") in names]
     return rows, trained
 
 
@@ -370,15 +423,18 @@ def main() -> None:
     source = activation_source(args)
     train, held_out = train_eval_split(source.cached(), args.eval_tokens, args.seed)
     rows, trained = train_grid(train, held_out, args, source)
-    if args.ce_tokens or args.interpretability:
+    if args.ce_tokens or args.interpretability or args.kl_finetune_tokens:
         saes = best_saes(rows, trained, args)
         model, tokenizer = load_language_model(source.model_name_or_path, dtype=torch.float32,
                                                device=args.device)
+        suite = functools.cache(lambda: interpretability_suite(model, tokenizer, args))
         if args.ce_tokens:
             add_spliced_metrics(rows, saes, model, tokenizer, args, source)
             save(rows, args)
         if args.interpretability:
-            add_interpretability(rows, saes, model, tokenizer, args)
+            add_interpretability(rows, saes, suite, args)
+        if args.kl_finetune_tokens:
+            add_kl_finetuned(rows, saes, model, tokenizer, held_out, suite, args, source)
     print()
     columns = ["architecture", "k", "optimizer", "std_coefficient", "fvu", "l0", "dead_fraction",
                "held_out_dead_fraction", "ce_loss_score", "kl_spliced", "absorption_fraction",
