@@ -317,8 +317,8 @@ def add_spliced_metrics(rows: list[dict], saes: dict[str, DeepSAEModel], model: 
     """The CE-loss score and spliced KL of the best SAEs that have none yet; NaN for the rest."""
     to_score = {row["name"]: saes[row["name"]] for row in rows
                 if row["name"] in saes and math.isnan(row.get("kl_spliced", math.nan))}
-    scores = spliced_metrics(to_score, model, tokenizer, args.ce_tokens, source) \
-        if to_score else {}
+    scores = (spliced_metrics(to_score, model, tokenizer, args.ce_tokens, source)
+              if to_score else {})
     for row in rows:
         row.update(scores.get(row["name"], {}))
         for key in ("ce_loss_score", "kl_spliced"):
