@@ -262,3 +262,20 @@ def test_the_fine_tune_example_lowers_a_trained_saes_kl_and_saves_it(
     saved = DeepSAEModel.from_pretrained(tmp_path / "kl" / HOOKPOINT)
     assert saved.config.metrics["kl_spliced"] == results["after"]["kl_spliced"]
     assert saved.config.training_config["kl_fine_tune"]["loss"] == "kl"
+
+
+def test_the_trainer_fine_tunes_a_trained_sae_on_the_kl_with_init_from(sensitive_lm, tmp_path):
+    """`--init_from` + `--loss kl`: the trainer's way (checkpoints, resume, DDP) to do what
+    `examples/kl_finetune.py` does; starting from the FVU-trained SAE, its held-out spliced KL
+    falls below that SAE's own."""
+    trained = train(tiny_config(sensitive_lm, tmp_path / "fvu"), TINY_SAE)[HOOKPOINT]
+    first = train(tiny_config(sensitive_lm, tmp_path / "kl0", loss="kl", total_tokens=128,
+                              lr=1e-12, init_from=str(tmp_path / "fvu" / HOOKPOINT)))[HOOKPOINT]
+    tuned = train(tiny_config(sensitive_lm, tmp_path / "kl", loss="kl", total_tokens=128 * 24,
+                              lr=1e-2, init_from=str(tmp_path / "fvu" / HOOKPOINT)))[HOOKPOINT]
+
+    assert tuned.config.training_config["init_from"] == str(tmp_path / "fvu" / HOOKPOINT)
+    started_from = trained.state_dict()  # `first` took one step of lr 1e-12: the initial SAE
+    for name, value in first.state_dict().items():
+        torch.testing.assert_close(value, started_from[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert tuned.config.metrics["kl_spliced"] < 0.9 * first.config.metrics["kl_spliced"]
