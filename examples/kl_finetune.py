@@ -3,16 +3,16 @@
     accelerate launch examples/train.py              # an SAE trained on its reconstruction
     python examples/kl_finetune.py --sae outputs/deepsae/model.layers.6.mlp.down_proj
 
-`examples/train.py --loss kl` trains SAEs end to end, from the start or, with `--init_from`, from
-a trained SAE (with the trainer's checkpoints, resume and DDP); this script is the short loop of
-the same objective (`hf_deepsae.training.end_to_end`) that also prints the held-out metrics before
-the fine-tune, as Braun et al. (2024) fine-tune theirs: every step runs the frozen model clean and with the SAE spliced in on
-`--lm_batch_size` sequences of `--context_length` tokens and follows the gradient of
-KL(clean ‖ spliced) (`--loss fvu+kl` keeps the SAE's FVU in the loss, weighted against the KL by
-`--kl_coefficient`). `--total_tokens` sets the number of steps. It prints the held-out FVU, L0,
-spliced KL and CE-loss score before and after, and saves the fine-tuned SAE in `--output_dir`.
-The flags are `TrainingConfig`'s (those about activations, batches of rows and checkpoints don't
-apply here).
+`examples/train.py --loss kl` trains SAEs end to end, from the start or, with `--init_from`, from a
+trained SAE (with the trainer's checkpoints, resume and DDP); this script is the short loop of the
+same objective (`hf_deepsae.training.end_to_end`) that also prints the held-out metrics before the
+fine-tune, as Braun et al. (2024) fine-tune theirs (`end_to_end.fine_tune_on_kl`): every step runs
+the frozen model clean and with the SAE spliced in on `--lm_batch_size` sequences of
+`--context_length` tokens and follows the gradient of KL(clean ‖ spliced) (`--loss fvu+kl` keeps the
+SAE's FVU in the loss, weighted against the KL by `--kl_coefficient`). `--total_tokens` sets the
+number of steps. It prints the held-out FVU, L0, spliced KL and CE-loss score before and after, and
+saves the fine-tuned SAE in `--output_dir`. The flags are `TrainingConfig`'s (those about
+activations, batches of rows and checkpoints don't apply here).
 """
 
 from __future__ import annotations
