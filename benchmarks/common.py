@@ -37,6 +37,12 @@ from hf_deepsae.activations import (
     load_text_dataset,
     tokenize_and_chunk,
 )
+from hf_deepsae.evaluation import (
+    AbsorptionConfig,
+    BenchmarkSuite,
+    SparseProbingConfig,
+    benchmark_scalars,
+)
 from hf_deepsae.modeling_deepsae import DeepSAEOutput
 from hf_deepsae.precision import device_precision
 from hf_deepsae.training import update_sae
@@ -73,13 +79,19 @@ class ActivationSource:
     max_cached_tokens: int = MAX_CACHED_TOKENS
     cache_dir: str = str(DEFAULT_CACHE_DIR / "benchmark_activations")
 
+    def token_chunks(self, tokenizer: Any, lm_batch_size: int = 8, seed: int = 0) -> TokenChunks:
+        """The corpus's `context_length` chunks in the seeded order `cached()` builds the cache
+        from: the first 64 chunks of 256 tokens are its first shard of 16,384 rows (`cached()`
+        then reads the shards in a seeded order of their own and holds out the last rows read)."""
+        chunks = tokenize_and_chunk(load_text_dataset(self.dataset_name), tokenizer,
+                                    self.context_length)
+        return TokenChunks(chunks, lm_batch_size, seed)
+
     def live(self, seed: int = 0, lm_batch_size: int = 8) -> ModelActivations:
         """Activations straight from the language model (loads it)."""
         model, tokenizer = load_language_model(self.model_name_or_path, dtype=torch.float32)
-        chunks = tokenize_and_chunk(load_text_dataset(self.dataset_name), tokenizer,
-                                    self.context_length)
         return ModelActivations(model, {self.hookpoint: self.hookpoint},
-                                TokenChunks(chunks, lm_batch_size, seed))
+                                self.token_chunks(tokenizer, lm_batch_size, seed))
 
     def cached(self) -> torch.Tensor:
         """All cached activation rows `[rows, d]` (float32), building the cache on first use.
@@ -123,6 +135,40 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--smoke", action="store_true",
                        help="a few tiny steps of everything (with a tiny --model_name_or_path: "
                             "the test suite's check that the script runs end to end)")
+
+
+def add_interpretability_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sizes of the absorption and sparse-probing benchmarks (`interpretability_suite`)."""
+    group = parser.add_argument_group("interpretability benchmarks")
+    group.add_argument("--absorption_words", type=int, default=AbsorptionConfig.n_words)
+    group.add_argument("--probing_per_class", type=int,
+                       default=SparseProbingConfig.n_train_per_class)
+
+
+def interpretability_suite(model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace,
+                           **autointerp: Any) -> BenchmarkSuite:
+    """Absorption and sparse probing at the sizes of `add_interpretability_arguments` (tiny
+    ones with `--smoke`), plus auto-interp when `autointerp` holds the suite's `autointerp`,
+    `judge` and `corpus_ids` arguments."""
+    smoke = {"n_icl_examples": 2, "max_k": 3} if args.smoke else {}
+    probing = {"context_length": 32, "ks": [1, 5]} if args.smoke else {}
+    benchmarks = ["absorption", "sparse_probing", *(["autointerp"] if autointerp else [])]
+    return BenchmarkSuite(
+        model, tokenizer, benchmarks,
+        absorption=AbsorptionConfig(n_words=args.absorption_words, **smoke),
+        sparse_probing=SparseProbingConfig(n_train_per_class=args.probing_per_class,
+                                           n_test_per_class=max(args.probing_per_class // 3, 2),
+                                           **probing),
+        **autointerp)
+
+
+def interpretability_scores(suite: BenchmarkSuite, sae: DeepSAEModel) -> dict[str, Any]:
+    """One SAE's benchmark numbers under model-card names (`absorption_fraction`,
+    `sparse_probing_top_1_accuracy`, ...), the seconds they took and each benchmark's details."""
+    start = time.perf_counter()
+    results = suite.evaluate(sae)
+    return {**benchmark_scalars(results), "benchmark_s": time.perf_counter() - start,
+            "details": {key: value.to_dict() for key, value in results.items()}}
 
 
 def activation_source(args: argparse.Namespace) -> ActivationSource:

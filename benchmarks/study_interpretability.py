@@ -38,6 +38,9 @@ from common import (
     ActivationSource,
     activation_source,
     add_common_arguments,
+    add_interpretability_arguments,
+    interpretability_scores,
+    interpretability_suite,
     machine,
     print_table,
     train_eval_split,
@@ -50,12 +53,7 @@ from hf_deepsae.activations import (
     load_text_dataset,
     tokenize_and_chunk,
 )
-from hf_deepsae.evaluation import (
-    AbsorptionConfig,
-    BenchmarkSuite,
-    SparseProbingConfig,
-    benchmark_scalars,
-)
+from hf_deepsae.evaluation import BenchmarkSuite
 from hf_deepsae.evaluation.autointerp import AutoInterpConfig
 from hf_deepsae.files import atomic_write_json, read_json
 from hf_deepsae.interpret.judges import JudgeConfig
@@ -101,9 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_tokens", type=int, default=250_000)
     parser.add_argument("--eval_tokens", type=int, default=16_384)
     parser.add_argument("--optimizer", default="muon", choices=["adam", "muon"])
-    parser.add_argument("--absorption_words", type=int, default=AbsorptionConfig.n_words)
-    parser.add_argument("--probing_per_class", type=int,
-                        default=SparseProbingConfig.n_train_per_class)
     parser.add_argument("--judge_base_url", default=None)
     parser.add_argument("--judge_model", default=None)
     parser.add_argument("--work_dir", type=Path, default=DEFAULT_CACHE_DIR / RESULTS_NAME,
@@ -114,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="retrain and rescore every SAE")
     parser.add_argument("--rescore", action="store_true",
                         help="rescore every SAE, reusing the trained ones in --work_dir")
+    add_interpretability_arguments(parser)
     add_common_arguments(parser)
     known = parser.parse_known_args(argv)[0]
     if known.quick or known.smoke:
@@ -164,26 +160,17 @@ def trained_sae(name: str, architecture: str, k: int, train: torch.Tensor,
 
 
 def suite_for(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> BenchmarkSuite:
-    benchmarks = ["absorption", "sparse_probing"]
-    judge, corpus, autointerp = None, None, None
-    if args.judge_base_url:
-        benchmarks.append("autointerp")
-        judge = JudgeConfig(judge_model=args.judge_model, judge_base_url=args.judge_base_url,
-                            judge_cache=str(args.work_dir / "judge_cache.sqlite"))
-        autointerp = AutoInterpConfig()
-        chunks = tokenize_and_chunk(load_text_dataset(args.dataset_name), tokenizer,
-                                    autointerp.context_length)
-        corpus = torch.as_tensor(
-            chunks[:autointerp.n_tokens // autointerp.context_length]["input_ids"])
-    smoke = {"n_icl_examples": 2, "max_k": 3} if args.smoke else {}
-    probing = {"context_length": 32, "ks": [1, 5]} if args.smoke else {}
-    return BenchmarkSuite(
-        model, tokenizer, benchmarks,
-        absorption=AbsorptionConfig(n_words=args.absorption_words, **smoke),
-        sparse_probing=SparseProbingConfig(n_train_per_class=args.probing_per_class,
-                                           n_test_per_class=max(args.probing_per_class // 3, 2),
-                                           **probing),
-        autointerp=autointerp, judge=judge, corpus_ids=corpus)
+    """Absorption and sparse probing, plus auto-interp with `--judge_base_url`."""
+    if not args.judge_base_url:
+        return interpretability_suite(model, tokenizer, args)
+    judge = JudgeConfig(judge_model=args.judge_model, judge_base_url=args.judge_base_url,
+                        judge_cache=str(args.work_dir / "judge_cache.sqlite"))
+    autointerp = AutoInterpConfig()
+    chunks = tokenize_and_chunk(load_text_dataset(args.dataset_name), tokenizer,
+                                autointerp.context_length)
+    corpus = torch.as_tensor(chunks[:autointerp.n_tokens // autointerp.context_length]["input_ids"])
+    return interpretability_suite(model, tokenizer, args, autointerp=autointerp, judge=judge,
+                                  corpus_ids=corpus)
 
 
 def plot(rows: list[dict], path: Path, site: str) -> None:
@@ -243,12 +230,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(finished[name])
             continue
         sae, training = trained_sae(name, architecture, k, train, args, source)
-        scored = time.perf_counter()
-        results = suite.evaluate(sae)
         row = {"name": name, "architecture": architecture, "k": k, **training,
-               **held_out_metrics(sae, held_out, args.device), **benchmark_scalars(results),
-               "benchmark_s": time.perf_counter() - scored,
-               "details": {key: value.to_dict() for key, value in results.items()}}
+               **held_out_metrics(sae, held_out, args.device),
+               **interpretability_scores(suite, sae)}
         rows.append(row)
         print(f"{name}: " + ", ".join(f"{key} {row[key]:.3f}" for key, _ in COLUMNS
                                       if row.get(key) is not None), flush=True)

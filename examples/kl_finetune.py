@@ -3,23 +3,22 @@
     accelerate launch examples/train.py              # an SAE trained on its reconstruction
     python examples/kl_finetune.py --sae outputs/deepsae/model.layers.6.mlp.down_proj
 
-`examples/train.py --loss kl` trains SAEs end to end, from the start or, with `--init_from`, from
-a trained SAE (with the trainer's checkpoints, resume and DDP); this script is the short loop of
-the same objective (`hf_deepsae.training.end_to_end`) that also prints the held-out metrics before
-the fine-tune, as Braun et al. (2024) fine-tune theirs: every step runs the frozen model clean and with the SAE spliced in on
-`--lm_batch_size` sequences of `--context_length` tokens and follows the gradient of
-KL(clean ‖ spliced) (`--loss fvu+kl` keeps the SAE's FVU in the loss, weighted against the KL by
-`--kl_coefficient`). `--total_tokens` sets the number of steps. It prints the held-out FVU, L0,
-spliced KL and CE-loss score before and after, and saves the fine-tuned SAE in `--output_dir`.
-The flags are `TrainingConfig`'s (those about activations, batches of rows and checkpoints don't
-apply here).
+`examples/train.py --loss kl` trains SAEs end to end, from the start or, with `--init_from`, from a
+trained SAE (with the trainer's checkpoints, resume and DDP); this script is the short loop of the
+same objective (`hf_deepsae.training.end_to_end`) that also prints the held-out metrics before the
+fine-tune, as Braun et al. (2024) fine-tune theirs (`end_to_end.fine_tune_on_kl`): every step runs
+the frozen model clean and with the SAE spliced in on `--lm_batch_size` sequences of
+`--context_length` tokens and follows the gradient of KL(clean ‖ spliced) (`--loss fvu+kl` keeps the
+SAE's FVU in the loss, weighted against the KL by `--kl_coefficient`). `--total_tokens` sets the
+number of steps. It prints the held-out FVU, L0, spliced KL and CE-loss score before and after, and
+saves the fine-tuned SAE in `--output_dir`. The flags are `TrainingConfig`'s (those about
+activations, batches of rows and checkpoints don't apply here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -35,8 +34,7 @@ from hf_deepsae.activations import (
 )
 from hf_deepsae.training import TrainingConfig
 from hf_deepsae.training.data import split_chunks
-from hf_deepsae.training.end_to_end import end_to_end_forward, objective, spliced_saes
-from hf_deepsae.training.optim import build_optimizers, build_scheduler, update_sae
+from hf_deepsae.training.end_to_end import KL_FINE_TUNE_RECIPE, fine_tune_on_kl
 
 
 @dataclasses.dataclass
@@ -45,13 +43,10 @@ class FineTuneArguments:
         "help": "Folder of the trained SAE (one hookpoint's subfolder of train.py's output)."})
 
 
-FINE_TUNE_DEFAULTS = {"loss": "kl", "optimizer": "adam", "lr": 2e-4, "total_tokens": 65_536,
-                      "eval_tokens": 8_192,
+FINE_TUNE_DEFAULTS = {**KL_FINE_TUNE_RECIPE, "total_tokens": 65_536, "eval_tokens": 8_192,
                       "output_dir": "outputs/deepsae-kl"}
-"""Where a short fine-tune differs from training from scratch: a small learning rate on Adam
-(the SAE is already good; Muon's orthogonalised steps would move every direction at once), and
-few tokens, each step running the model twice. On SmolLM2-135M layer 6 these lowered the default
-deep SAE's held-out spliced KL by 16% (the README has the numbers)."""
+"""`KL_FINE_TUNE_RECIPE` (Adam at a small learning rate) on few tokens: each step runs the model
+twice."""
 
 
 def held_out_batches(chunks, config: TrainingConfig) -> list[torch.Tensor]:
@@ -87,21 +82,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     held_out = held_out_batches(eval_chunks, config)
     before = report("before", sae, model, held_out)
 
-    num_steps = config.total_tokens // config.tokens_per_batch
-    optimizers = build_optimizers(sae.train(), config, config.resolved_lr(sae.config.n_latents))
-    schedulers = [build_scheduler(optimizer, config, num_steps) for optimizer in optimizers]
-    batches = TokenChunks(train_chunks, config.lm_batch_size, config.seed)
-    start = time.perf_counter()
-    for step in range(1, num_steps + 1):
-        output = end_to_end_forward(model, spliced_saes(model, {"sae": sae}),
-                                    batches.next_batch().to(model.device))
-        objective(output, config).backward()
-        update_sae(sae, optimizers, schedulers, config.max_grad_norm)
-        if step % config.logging_steps == 0 or step == num_steps:
-            speed = step * config.tokens_per_batch / (time.perf_counter() - start)
-            print(f"step {step}/{num_steps}: KL {output.kl.item():.4f}, "
-                  f"FVU {output.sae_outputs['sae'].fvu.item():.4f} ({speed:,.0f} tokens/s)")
-
+    num_steps = fine_tune_on_kl(model, sae, TokenChunks(train_chunks, config.lm_batch_size,
+                                                         config.seed), config)
     after = report("after", sae, model, held_out)
     sae.config.metrics = after
     sae.config.training_config = {**(sae.config.training_config or {}),

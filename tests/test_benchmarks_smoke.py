@@ -72,10 +72,15 @@ def test_bench_scaling(tiny_lm, tmp_path, monkeypatch):
 
 
 def test_study_deep_vs_shallow(tiny_lm, tmp_path, monkeypatch):
-    results = run_benchmark("study_deep_vs_shallow.py", source_flags(tiny_lm, tmp_path),
-                            tmp_path, monkeypatch)
-    assert {row["architecture"] for row in results["runs"]} == {"shallow", "deep", "stacked-2"}
-    assert all("ce_loss_score" in row for row in results["runs"])
+    flags = [*source_flags(tiny_lm, tmp_path), "--work_dir", str(tmp_path / "work")]
+    results = run_benchmark("study_deep_vs_shallow.py", flags, tmp_path, monkeypatch)
+    architectures = ["shallow", "deep", "stacked-2", "matryoshka"]
+    assert [row["architecture"] for row in results["runs"]] == [
+        *architectures, *(f"{architecture}+kl" for architecture in architectures)]
+    for row in results["runs"]:
+        assert row["kl_spliced"] >= 0 and "ce_loss_score" in row
+        assert 0 <= row["sparse_probing_top_1_accuracy"] <= 1 and row["details"]["absorption"]
+    assert (tmp_path / "results" / "fvu_vs_l0.png").is_file()
 
 
 def test_study_interpretability(tiny_lm, tmp_path, monkeypatch):

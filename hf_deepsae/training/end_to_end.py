@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -40,6 +41,13 @@ from ..evaluation.evaluator import JOINT, SAEEvaluator, is_causal_lm
 from ..modeling_deepsae import DeepSAEModel, DeepSAEOutput
 from ..sites import Site, attach_hook, sae_sites
 from .config import TrainingConfig
+from .optim import build_optimizers, build_scheduler, update_sae
+
+KL_FINE_TUNE_RECIPE = {"loss": "kl", "optimizer": "adam", "lr": 2e-4}
+"""Where a short KL fine-tune of an already trained SAE (`fine_tune_on_kl`) differs from training
+from scratch: a small learning rate on Adam (the SAE is already good; Muon's orthogonalised steps
+would move every direction at once). On SmolLM2-135M layer 6 these lowered the default deep SAE's
+held-out spliced KL by 16% (the README has the numbers)."""
 
 
 class SplicedSAE(NamedTuple):
@@ -258,3 +266,27 @@ def held_out_spliced_metrics(model: nn.Module, saes: Mapping[str, DeepSAEModel],
         evaluator.update(input_ids)
         tokens += input_ids.numel()
     return evaluator.metrics.language_model[JOINT].compute().scalars()
+
+
+def fine_tune_on_kl(model: nn.Module, sae: DeepSAEModel, batches: TokenChunks,
+                    config: TrainingConfig, say: Callable[[str], Any] = print) -> int:
+    """Fine-tune a trained `sae` in place on `config.loss` (`objective`) with `model` frozen, as
+    Braun et al. (2024) fine-tune theirs: `config.total_tokens // config.tokens_per_batch` steps,
+    each on `batches.next_batch()`, with `config`'s optimizer, learning rate and schedule; says
+    the KL, FVU and speed every `logging_steps` and at the end. Returns the number of steps; the
+    SAE is left in eval mode."""
+    num_steps = config.total_tokens // config.tokens_per_batch
+    optimizers = build_optimizers(sae.train(), config, config.resolved_lr(sae.config.n_latents))
+    schedulers = [build_scheduler(optimizer, config, num_steps) for optimizer in optimizers]
+    start = time.perf_counter()
+    for step in range(1, num_steps + 1):
+        output = end_to_end_forward(model, spliced_saes(model, {"sae": sae}),
+                                    batches.next_batch().to(sae.device))
+        objective(output, config).backward()
+        update_sae(sae, optimizers, schedulers, config.max_grad_norm)
+        if step % config.logging_steps == 0 or step == num_steps:
+            speed = step * config.tokens_per_batch / (time.perf_counter() - start)
+            say(f"step {step}/{num_steps}: KL {output.kl.item():.4f}, "
+                f"FVU {output.sae_outputs['sae'].fvu.item():.4f} ({speed:,.0f} tokens/s)")
+    sae.eval()
+    return num_steps
