@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_modeling import D_IN, FLOAT32_EPS, inputs_for, make_sae, sparse_dataset
+from test_modeling import D_IN, FLOAT32_EPS, inputs_for, make_sae, sparse_dataset, train_adam
 from transformers import AutoModel
 
 from hf_deepsae import DeepSAEConfig
@@ -94,25 +94,12 @@ def test_loss_and_gradients_equal_a_direct_dense_computation(name):
                                    msg=f"gradient of {param_name} differs")
 
 
-def train(sae, data: torch.Tensor, steps: int = 300) -> None:
-    """Adam on `data` in batches of 128, keeping linear decoder rows at unit norm."""
-    sae.initialize_from_activations(data)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for step in range(steps):
-        loss = sae(data[(step * 128) % len(data):][:128]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        optimizer.step()
-        sae.set_decoder_norm_to_unit_norm()
-    sae.eval()
-
-
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "deep", "stacked"])
 def test_prefix_fvu_falls_as_the_prefix_grows_after_training(name):
     sae = make_sae(name, matryoshka_prefixes=PREFIXES[name])
     data = sparse_dataset()
-    train(sae, data)
+    sae.initialize_from_activations(data)
+    train_adam(sae, data)
     with torch.no_grad():
         prefix_fvus = sae(data).matryoshka_fvu
     assert (prefix_fvus.diff() < 0).all(), prefix_fvus
@@ -135,7 +122,8 @@ def test_the_first_latents_of_a_matryoshka_sae_learn_the_frequent_features():
     first_8_fvu = {}
     for prefixes in ((8, 32), None):
         sae = make_sae("topk", matryoshka_prefixes=prefixes)
-        train(sae, data)
+        sae.initialize_from_activations(data)
+        train_adam(sae, data)
         with torch.no_grad():
             first_8_fvu[prefixes] = float(fvu(sae.decode(*sae.encode(data, prefix=8)), data))
     assert first_8_fvu[(8, 32)] < 0.8 * first_8_fvu[None], first_8_fvu

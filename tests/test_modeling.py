@@ -250,23 +250,27 @@ def sparse_dataset(n_rows: int = 2048, n_features: int = 96, active: int = 3) ->
     return (coefficients.unsqueeze(-1) * dictionary[indices]).sum(1)
 
 
-@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n != "transcoder"])
-def test_reconstruction_improves_with_training(name):
-    sae = make_sae(name, l1_coefficient=1e-4, l0_coefficient=1e-4)
-    data = sparse_dataset()
-    sae.initialize_from_activations(data)
+def train_adam(sae, data: torch.Tensor, steps: int = 300) -> None:
+    """Adam on `data` in batches of 128, keeping linear decoder rows at unit norm."""
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    with torch.no_grad():
-        initial = float(sae(data).fvu)
-    for step in range(300):
-        batch = data[(step * 128) % 2048:][:128]
-        loss = sae(batch).loss
+    for step in range(steps):
+        loss = sae(data[(step * 128) % len(data):][:128]).loss
         optimizer.zero_grad()
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
         sae.set_decoder_norm_to_unit_norm()
     sae.eval()
+
+
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n != "transcoder"])
+def test_reconstruction_improves_with_training(name):
+    sae = make_sae(name, l1_coefficient=1e-4, l0_coefficient=1e-4)
+    data = sparse_dataset()
+    sae.initialize_from_activations(data)
+    with torch.no_grad():
+        initial = float(sae(data).fvu)
+    train_adam(sae, data)
     with torch.no_grad():
         final = float(sae(data).fvu)
     assert final < 0.5 * initial and final < 0.35, (initial, final)
