@@ -55,6 +55,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .config import TrainingConfig, sae_config_kwargs
+from .cpu_threads import use_the_cores
 from .data import activation_source, activations_identity, split_chunks
 from .dead_latents import DeadLatentCounter
 from .distributed import SAEParallelism, TrainingStates
@@ -271,6 +272,7 @@ def train(config: TrainingConfig, sae_arguments: Any = None) -> dict[str, DeepSA
     initial, sae_kwargs = initial_sae(config.init_from, sae_config_kwargs(sae_arguments))
     _check_early(config, sae_kwargs)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator will
+    use_the_cores(state, state.print)
     agree_on_precision(state)
     accelerator = Accelerator(
         mixed_precision=config.resolved_mixed_precision(state.device),
