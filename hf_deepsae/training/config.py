@@ -309,6 +309,11 @@ class TrainingConfig:
             return self.batch_size
         return self.lm_batch_size * self.context_length
 
+    def tokens_per_step(self, num_processes: int) -> int:
+        """Tokens one optimizer step trains on over all processes: it sets the number of steps
+        and the tokens/s shown."""
+        return self.tokens_per_batch * self.gradient_accumulation_steps * num_processes
+
     def record(self) -> dict[str, Any]:
         """The settings that shape the SAE, for its `training_config`: all but `RUN_FIELDS`."""
         return {name: value for name, value in dataclasses.asdict(self).items()

@@ -278,10 +278,10 @@ def fine_tune_on_kl(model: nn.Module, sae: DeepSAEModel, batches: TokenChunks,
     num_steps = config.total_tokens // config.tokens_per_batch
     optimizers = build_optimizers(sae.train(), config, config.resolved_lr(sae.config.n_latents))
     schedulers = [build_scheduler(optimizer, config, num_steps) for optimizer in optimizers]
+    spliced = spliced_saes(model, {"sae": sae})
     start = time.perf_counter()
     for step in range(1, num_steps + 1):
-        output = end_to_end_forward(model, spliced_saes(model, {"sae": sae}),
-                                    batches.next_batch().to(sae.device))
+        output = end_to_end_forward(model, spliced, batches.next_batch().to(sae.device))
         objective(output, config).backward()
         update_sae(sae, optimizers, schedulers, config.max_grad_norm)
         if step % config.logging_steps == 0 or step == num_steps:

@@ -123,8 +123,7 @@ def _record(sae: DeepSAEModel, result: ActivationMetricsResult, dead_fraction: f
         **result.scalars(), **spliced, "dead_fraction_training": dead_fraction,
         "nonfinite_rows_skipped": stream.nonfinite_rows,
         "masked_rows_skipped": stream.masked_rows,
-        "train_tokens": num_steps * config.tokens_per_batch * config.gradient_accumulation_steps
-        * accelerator.num_processes}
+        "train_tokens": num_steps * config.tokens_per_step(accelerator.num_processes)}
 
 
 def _report_checkpoints(output_dir: Path, accelerator: Accelerator) -> None:

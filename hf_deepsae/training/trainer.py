@@ -303,8 +303,7 @@ def _open_run(config: TrainingConfig, sae_kwargs: dict[str, Any], accelerator: A
     check_same_on_every_process(accelerator, "the training configuration",
                                 {**dataclasses.asdict(config), **sae_kwargs})
     output_dir = check_output_dir(config.output_dir)
-    tokens_per_step = config.tokens_per_batch * config.gradient_accumulation_steps * \
-        accelerator.num_processes
+    tokens_per_step = config.tokens_per_step(accelerator.num_processes)
     num_steps = config.total_tokens // tokens_per_step
     if num_steps == 0:
         raise ValueError(f"total_tokens={config.total_tokens} is less than one step "
@@ -413,8 +412,7 @@ def _training_loop(states: TrainingStates, targets: list[Target], names: list[tu
     the step."""
     runs, parallelism = states.local, states.parallelism
     num_steps, step = position.num_steps, position.step
-    tokens_per_step = config.tokens_per_batch * config.gradient_accumulation_steps * \
-        accelerator.num_processes
+    tokens_per_step = config.tokens_per_step(accelerator.num_processes)
     progress = tqdm(total=num_steps, initial=step, desc="Training SAE", unit="step",
                     disable=not accelerator.is_main_process)
     sums = {run.name: torch.zeros(len(names[run.index])) for run in runs}
@@ -457,7 +455,7 @@ def _training_loop(states: TrainingStates, targets: list[Target], names: list[tu
                 first = targets[0].log_prefix
                 progress.set_postfix({
                     "tok/s": f"{speed:,.0f}", "fvu": f"{logs[f'{first}/fvu']:.3f}",
-                    **({"kl": f"{logs[f'{first}/kl']:.4f}"} if "kl" in names else {}),
+                    **({"kl": f"{logs[f'{first}/kl']:.4f}"} if f"{first}/kl" in logs else {}),
                     "l0": f"{logs[f'{first}/l0']:.1f}",
                     "dead": f"{logs[f'{first}/dead_fraction']:.1%}"})
                 sums = {name: torch.zeros_like(total) for name, total in sums.items()}
